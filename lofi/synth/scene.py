@@ -91,6 +91,15 @@ def layout_instances(
     lengths = np.clip(np.round(lengths_sec * fps), min_frames, max_frames)
     gap_frames = math.ceil(MIN_GAP_SEC * fps - 1e-9)
     free_frames = num_frames - int(lengths.sum()) - (count + 1) * gap_frames
+    # Clipping up to the minimum length can overflow a short video: drop instances, then
+    # fall back to two of the minimum length.
+    while free_frames < 0 and count > 2:
+        count -= 1
+        lengths = lengths[:count]
+        free_frames = num_frames - int(lengths.sum()) - (count + 1) * gap_frames
+    if free_frames < 0:
+        lengths = np.full(2, min_frames, dtype=float)
+        free_frames = num_frames - int(lengths.sum()) - (count + 1) * gap_frames
     if free_frames < 0:
         raise ValueError(f"a {duration_sec:.1f} s video cannot hold two instances with background between")
     gaps = gap_frames + np.floor(rng.dirichlet(np.ones(count + 1)) * free_frames)
