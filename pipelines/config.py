@@ -1,0 +1,149 @@
+"""The run config shared by the training-side stages: pretrain, train, extract, train-head, detect.
+
+One YAML file describes an experiment; every stage reads the sections it needs (`lofi train`
+uses `run`, `data`, `encoder`, `head`, `fidelity`, `train`, `scaling`, `tracking`). Derived paths
+are methods, never written back, so a stage's inputs and outputs follow from the config alone:
+
+    <run.storage>/<run.name>/pretrain/encoder.pt      stage 1 encoder (lofi naming, VideoEncoder state dict)
+    <run.storage>/<run.name>/train/encoder.pt         stage 2 (LoFi) encoder; train/model.pt encoder + head
+    <run.storage>/<run.name>/features/                extracted features (Parquet shards, optional npy/)
+    <run.storage>/<run.name>/head/model.pt            stage 3 head trained on the features
+    <run.storage>/<run.name>/detect/predictions.json  ActivityNet-format detections; detect/eval.json
+    <run.storage>/<run.name>/ray/<stage>/             Ray Train storage (checkpoints) of each stage
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lofi.config import load_config
+from lofi.fidelity import FidelityScheduleConfig
+from lofi.heads import HeadConfig
+from lofi.models.encoders import EncoderConfig
+from pipelines.cluster import RayConfig
+from pipelines.tracking import TrackingConfig
+
+STAGES = ("pretrain", "train", "extract", "train_head", "detect")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "lofi"  # the run's folder and its MLflow parent run name; same name + storage resumes
+    storage: str = "runs"  # root folder (local or shared filesystem) of all outputs
+    seed: int = 0
+    max_failures: int = 0  # Ray Train FailureConfig: restarts from the last checkpoint after a worker dies
+    deterministic: bool = True  # training: torch.use_deterministic_algorithms (warn_only); slower on GPU
+
+    def dir(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.dir() / stage
+
+    def ray_storage(self) -> str:
+        """Ray Train's storage_path: per-stage run names live under it."""
+        return str(self.dir() / "ray")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    shards: str = ""  # `lofi prepare` output folder (its manifest names the levels and labels)
+    annotations: str = ""  # ground truth for evaluation; empty: the annotation file in the manifest's config
+    train_subset: str = "training"
+    val_subset: str = "validation"
+    full_level: str = "full"  # the shard level that features are extracted at (full fidelity)
+    pretrain_level: str = ""  # the shard level stage 1 cuts its clips from; empty: full_level
+    pretrain_background: bool = True  # stage 1: snippets outside every segment form one extra "background" class
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """One stage's optimisation. `batch_size` is global (all workers together) and the
+    learning rate is used as given for it: nothing is rescaled with the number of workers."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 10
+    lr_step_epochs: int = 5  # StepLR: multiply by lr_gamma every lr_step_epochs epochs
+    lr_gamma: float = 0.5
+    batch_size: int = 16
+    encoder_lr_scale: float = 1.0  # encoder lr = lr * this (end-to-end stages)
+    grad_clip_norm: float = 0.0  # 0: no clipping
+    shuffle_buffer_rows: int = 16  # per-worker shuffle buffer (videos, or clips in pretrain), reseeded each epoch; 0: fixed order
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "epochs", "lr_step_epochs", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.shuffle_buffer_rows < 0:
+            raise ValueError(f"shuffle_buffer_rows must be >= 0 (0: no shuffling), got {self.shuffle_buffer_rows}")
+
+    def per_worker_batch(self, num_workers: int) -> int:
+        if self.batch_size % num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not divide over {num_workers} workers; "
+                f"set a multiple of {num_workers}"
+            )
+        return self.batch_size // num_workers
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExtractSection:
+    batch_size: int = 1  # videos (or chunks) per inference call
+    num_actors: int = 1  # actor pool size; each holds one copy of the encoder
+    chunk_snippets: int = 0  # encode this many snippets at a time (0: all); bounds memory
+    write_npy: bool = False  # also write features/npy/<video_id>.npy in (T, D) layout
+
+
+@dataclass(frozen=True)
+class DetectSection:
+    soft_nms_sigma: float = 0.5
+    top_k: int = 100  # detections kept per video
+    protocol: Literal["anet", "thumos"] = "anet"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    fidelity: FidelityScheduleConfig = field(default_factory=FidelityScheduleConfig)
+    # stage 1 rows are clips, consecutive ones from one video: a larger shuffle buffer mixes videos
+    pretrain: OptimSection = field(default_factory=lambda: OptimSection(lr=0.01, epochs=5, shuffle_buffer_rows=512))
+    train: OptimSection = field(default_factory=OptimSection)  # stage 2: the paper's recipe
+    train_head: OptimSection = field(default_factory=lambda: OptimSection(optimizer="adamw", lr=1e-3, epochs=10))
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    detect: DetectSection = field(default_factory=DetectSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage's `run` returns: where it wrote, its final metrics, its MLflow run."""
+
+    stage: str
+    out_dir: str
+    metrics: dict[str, float]
+    seconds: float
+    mlflow_run_id: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path (encoder.pt, predictions.json, ...)
+
+
+def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)

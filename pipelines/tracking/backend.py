@@ -1,0 +1,218 @@
+"""The MLflow calls themselves: clients, experiments, batches within MLflow's limits, models.
+
+Everything here may raise; pipelines.tracking.tracker decides what to retry, queue or drop.
+MLflow is imported on first use: it costs seconds, and disabled trackers never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lofi.errors import LofiError
+from pipelines.tracking.config import artifact_location
+
+# MLflow's own limits (mlflow.utils.validation): longer values and bigger batches are refused.
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_TAG_VALUE_CHARS = 8000
+# Server-side codes that a later try may not see again (overload, a locked database).
+_TRANSIENT_REST_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+_CLIENTS: dict[str, Any] = {}
+
+
+def mlflow_module() -> Any:
+    import mlflow
+    import mlflow.pytorch  # noqa: F401  (`import mlflow` alone leaves the flavour unloaded)
+
+    return mlflow
+
+
+def client(uri: str) -> Any:
+    """One client per URI per process: a SQLite store checks its schema on first use."""
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = mlflow_module().MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+@contextlib.contextmanager
+def request_limits(timeout_sec: float, tracking_uri: str | None = None) -> Iterator[None]:
+    """MLflow reads its HTTP retry/timeout settings from the environment on every request.
+
+    Its defaults (7 retries with doubling backoff, 120 s timeout) would stall training for
+    minutes on a dead server, so the tracker's calls run with no MLflow-level retries (the
+    tracker retries itself, briefly) and a short timeout. `tracking_uri` also sets MLflow's
+    process-wide URI, which `mlflow.pytorch.log_model` reads. All restored afterwards.
+    """
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(timeout_sec))}
+    saved = {key: os.environ.get(key) for key in [*settings, "MLFLOW_TRACKING_URI"]}
+    os.environ.update(settings)
+    if tracking_uri is not None:
+        mlflow_module().set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if tracking_uri is not None:
+            # set_tracking_uri(None) also clears the variable, so restore through it first.
+            mlflow_module().set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_transient(err: BaseException) -> bool:
+    """Network trouble, server overload or a locked database: worth retrying later.
+
+    Anything else (a refused value, a deleted experiment, a model that does not export) would
+    fail the same way again, so the tracker drops that one call with a warning instead.
+    """
+    seen: BaseException | None = err
+    for _ in range(8):  # MLflow wraps request errors; the cause is a few links down
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        if type(seen).__module__.split(".")[0] in ("requests", "urllib3"):
+            return True
+        if type(seen).__name__ == "RestException" and getattr(seen, "error_code", None) in _TRANSIENT_REST_CODES:
+            return True
+        if "database is locked" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def experiment_id(mlflow_client: Any, uri: str, name: str) -> str:
+    """The experiment's id, created (artifacts beside a SQLite file) if it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another rank or stage created it first
+                raise
+            experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise LofiError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted; restore it with "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or set tracking.experiment to a new name"
+        )
+    return experiment.experiment_id
+
+
+def param_value(value: Any) -> str:
+    """A config value as MLflow stores it; too long ones are cut (config.yaml keeps them whole)."""
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    if len(text) <= MAX_PARAM_VALUE_CHARS:
+        return text
+    note = f"...[cut: {len(text)} chars; full value in config.yaml]"
+    return text[: MAX_PARAM_VALUE_CHARS - len(note)] + note
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def log_batch(mlflow_client: Any, run_id: str, params: list[tuple[str, str]] = (),
+              metrics: list[tuple[str, float, int, int]] = (), tags: list[tuple[str, str]] = ()) -> None:
+    """One request; `synchronous=True` so MLflow's async-logging mode never starts a thread."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    mlflow_client.log_batch(
+        run_id,
+        metrics=[Metric(key, value, timestamp_ms, step) for key, value, timestamp_ms, step in metrics],
+        params=[Param(key, value) for key, value in params],
+        tags=[RunTag(key, value[:MAX_TAG_VALUE_CHARS]) for key, value in tags],
+        synchronous=True,
+    )
+
+
+def json_default(value: Any) -> Any:
+    """numpy and torch scalars/arrays as plain numbers; anything else as its text."""
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def upload_bytes(mlflow_client: Any, run_id: str, data: bytes, name: str) -> None:
+    """Write `data` to a scratch file named like the artifact and upload it to `name`."""
+    target = Path(name)
+    with tempfile.TemporaryDirectory(prefix="lofi-artifact-") as tmp:
+        path = Path(tmp) / target.name
+        path.write_bytes(data)
+        folder = str(target.parent) if str(target.parent) != "." else None
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=folder)
+
+
+def upload_path(mlflow_client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
+    if path.is_dir():
+        mlflow_client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+    else:
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def tensor_signature(example: np.ndarray, output: Any, dynamic_dims: tuple[int, ...]) -> Any:
+    """Input spec with -1 on the dims that vary (torch.export keeps those dynamic); output all -1."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    shape = tuple(-1 if d in dynamic_dims else n for d, n in enumerate(example.shape))
+    outputs = None
+    if isinstance(output, torch.Tensor) and output.dtype.is_floating_point and output.dtype != torch.bfloat16:
+        out_dtype = np.dtype(str(output.dtype).removeprefix("torch."))  # numpy has no bfloat16
+        outputs = Schema([TensorSpec(out_dtype, (-1,) * output.dim())])
+    return ModelSignature(inputs=Schema([TensorSpec(example.dtype, shape)]), outputs=outputs)
+
+
+def pip_requirements(serialization_format: str) -> list[str]:
+    """Explicit requirements: MLflow's inference would import-scan the model (slow) instead."""
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    return reqs + (["cloudpickle"] if serialization_format == "pickle" else [])
+
+
+def log_model(mlflow_client: Any, uri: str, run_id: str, exp_id: str, model: torch.nn.Module, name: str,
+              example: torch.Tensor | None, dynamic_dims: tuple[int, ...], register_as: str | None,
+              serialization_format: str, timeout_sec: float) -> str:
+    """Log `model` (CPU, eval mode) with mlflow.pytorch; return its `models:/` URI.
+
+    The LoggedModel is created in the run's experiment first: left to itself, log_model files
+    it under the process's "active" experiment (Default), whose artifacts land in ./mlruns.
+    "pt2" (torch.export, loads without unpickling) needs an example input; "pickle" loads only
+    where the model's classes import and MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true.
+    """
+    mlflow = mlflow_module()
+    kwargs: dict[str, Any] = {}
+    if serialization_format == "pt2":
+        assert example is not None
+        for dim in dynamic_dims:
+            if example.shape[dim] == 1:  # torch.export fixes size-1 dims to 1: give it two to keep the dim free
+                example = torch.cat([example, example], dim=dim)
+        array = example.numpy()
+        with torch.no_grad():
+            output = model(example)
+        kwargs = {"input_example": array, "signature": tensor_signature(array, output, dynamic_dims)}
+    logged = mlflow_client.create_logged_model(experiment_id=exp_id, name=name, source_run_id=run_id)
+    with request_limits(timeout_sec, tracking_uri=uri):
+        info = mlflow.pytorch.log_model(
+            model, name=name, model_id=logged.model_id, run_id=run_id, serialization_format=serialization_format,
+            pip_requirements=pip_requirements(serialization_format), registered_model_name=register_as,
+            await_registration_for=0, **kwargs,
+        )
+    if register_as is not None and info.registered_model_version is not None:
+        return f"models:/{register_as}/{info.registered_model_version}"
+    return info.model_uri

@@ -1,0 +1,374 @@
+"""Tracker: one MLflow run whose methods never raise into the training loop.
+
+Every logging call becomes a queued call that is sent at once when MLflow is reachable. A
+call that fails for a transient reason (no connection, timeout, server overload, a locked
+SQLite file) is retried `retries` times with a short backoff (0.25 s, 0.5 s, 1 s, ... at
+most 2 s) and then stays queued: the tracker is "offline" for `offline_retry_sec`, during
+which calls only queue (no network wait at all), then the next call tries the queue once
+(one request, at most `timeout_sec`). The queue is sent in order, so metrics, the config and
+the model arrive as if nothing had happened. `end()` tries the whole queue once more with
+full retries; what still fails is dropped with a warning that counts it, and the run may
+then stay RUNNING on that server. The queue holds at most MAX_PENDING_CALLS calls; beyond
+that new calls are dropped (counted, one warning). A call that fails for any other reason
+(a refused value, a deleted experiment) is dropped with a warning at once.
+
+Nothing here touches checkpoints: they are written by the training stage on its own.
+Not thread-safe: one tracker per process (rank 0) and thread, as the stages use it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import io
+import json
+import logging
+import tempfile
+import time
+import warnings
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lofi.config import dump_yaml, flatten, to_dict
+from pipelines.tracking import backend
+from pipelines.tracking.config import TrackingConfig, TrackingWarning, resolve_tracking_uri
+
+MAX_PENDING_CALLS = 10_000
+_BACKOFF_SEC = 0.25
+_MAX_BACKOFF_SEC = 2.0
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_OPEN: set[Tracker] = set()  # runs to end as KILLED if the process exits without ending them
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    what: str  # named in warnings; its first word counts dropped calls by kind
+    send: Callable[[], None]
+    creates_run: bool = False
+
+
+def _never_raises(method: Callable) -> Callable:
+    """The tracker's promise: a no-op when inactive, and a warning instead of any exception."""
+
+    @functools.wraps(method)
+    def guarded(self: Tracker, *args: Any, **kwargs: Any) -> None:
+        if not self.active:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            self._warn(f"{method.__name__} failed and was skipped: {type(err).__name__}: {err}")
+            return None
+
+    return guarded
+
+
+def _end_open_runs() -> None:
+    for tracker in list(_OPEN):
+        tracker.end("KILLED")
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy in eval mode, made without a second copy on the GPU; training keeps the original."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else cpu
+    return copy.deepcopy(model, memo).eval()
+
+
+class Tracker:
+    """A context manager around one MLflow run; see the module docstring for failures.
+
+    `Tracker.start(cfg, "train", parent_run_id=...)` opens a run (a child run when given its
+    parent's id, e.g. passed to a Ray worker); `tracker.child("eval")` opens a child run of
+    this one. `enabled=False` (non-zero ranks) gives a tracker that does nothing and never
+    imports MLflow. Leaving the `with` block ends the run FINISHED, FAILED on an exception
+    (its message in the tag `lofi.error`) or KILLED on KeyboardInterrupt.
+    """
+
+    def __init__(self, cfg: TrackingConfig, run_name: str, parent_run_id: str | None = None,
+                 tags: dict[str, Any] | None = None, enabled: bool = True, parent: Tracker | None = None):
+        self.cfg = cfg
+        self.run_name = run_name
+        self.run_id: str | None = None  # None until MLflow created the run (or when disabled)
+        self.logged_models: list[str] = []  # models:/ URIs of the models logged so far
+        self.enabled = cfg.enabled and enabled
+        self._parent_run_id = parent_run_id
+        self._parent = parent
+        self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self._uri = ""
+        self._experiment_id = ""
+        self._pending: deque[_Call] = deque()
+        self._offline_until: float | None = None  # time.monotonic() of the next try; None: online
+        self._overflow: Counter[str] = Counter()  # calls dropped because the queue was full, by kind
+        self._ended = False
+        self._dead = False  # the run could not be created: nothing more is tried
+
+    @classmethod
+    def start(cls, cfg: TrackingConfig, run_name: str, parent_run_id: str | None = None,
+              tags: dict[str, Any] | None = None, enabled: bool = True) -> Tracker:
+        tracker = cls(cfg, run_name, parent_run_id=parent_run_id, tags=tags, enabled=enabled)
+        tracker._open()
+        return tracker
+
+    def child(self, run_name: str, tags: dict[str, Any] | None = None) -> Tracker:
+        """A run nested under this one (tag mlflow.parentRunId), with the same config."""
+        child = Tracker(self.cfg, run_name, tags=tags, enabled=self.enabled, parent=self)
+        child._open()
+        return child
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and not self._ended and not self._dead
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc_type is None or (issubclass(exc_type, SystemExit) and getattr(exc, "code", 1) in (0, None)):
+            self.end("FINISHED")
+            return False
+        self.set_tags({"lofi.error": f"{exc_type.__name__}: {exc}"})
+        self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False  # the exception goes on
+
+    # ---- logging: each builds its payload now (later changes by the caller do not leak in) ----
+
+    @_never_raises
+    def log_config(self, cfg: Any) -> None:
+        """Every config value as a param (dotted key), and the resolved YAML as config.yaml."""
+        params = [(key, backend.param_value(value)) for key, value in flatten(to_dict(cfg)).items()]
+        for first in range(0, len(params), backend.MAX_PARAMS_PER_BATCH):
+            chunk = params[first : first + backend.MAX_PARAMS_PER_BATCH]
+            self._submit(_Call(f"log_config params {first + 1}-{first + len(chunk)}",
+                               functools.partial(self._send_batch, params=chunk)))
+        with tempfile.TemporaryDirectory(prefix="lofi-config-") as tmp:
+            dump_yaml(cfg, Path(tmp) / "config.yaml")
+            self.log_bytes((Path(tmp) / "config.yaml").read_bytes(), "config.yaml")
+
+    @_never_raises
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One value per key at `step` (epoch or iteration), timestamped now; non-numbers skipped."""
+        now_ms = int(time.time() * 1000)
+        rows = []
+        for key, value in metrics.items():
+            try:
+                rows.append((str(key), float(value), now_ms, int(step)))
+            except (TypeError, ValueError):
+                self._warn(f"metric {key!r} at step {step} is {value!r}, not a number; skipped")
+        for chunk in backend.chunks(rows, backend.MAX_METRICS_PER_BATCH):
+            self._submit(_Call(f"log_metrics step {step}", functools.partial(self._send_batch, metrics=chunk)))
+
+    @_never_raises
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        rows = [(str(k), str(v)) for k, v in tags.items()]
+        self._submit(_Call(f"set_tags {sorted(tags)}", functools.partial(self._send_batch, tags=rows)))
+
+    @_never_raises
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or folder, uploaded under `artifact_path`; it must exist until the run ends."""
+        source = Path(path)
+        if not source.exists():
+            self._warn(f"log_artifact: {source} does not exist; nothing logged")
+            return
+        self._submit(_Call(f"log_artifact {source}", functools.partial(self._send_path, source, artifact_path)))
+
+    @_never_raises
+    def log_dict(self, data: Any, name: str) -> None:
+        """JSON artifact `name` (e.g. predictions.json, eval/report.json); numpy/torch values as numbers."""
+        self.log_bytes(json.dumps(data, indent=1, default=backend.json_default).encode(), name)
+
+    @_never_raises
+    def log_figure(self, fig: Any, name: str) -> None:
+        """A matplotlib figure as image artifact `name` (format from its suffix, PNG if none)."""
+        if not Path(name).suffix:
+            name += ".png"
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=Path(name).suffix[1:], dpi=100, bbox_inches="tight")
+        self.log_bytes(buffer.getvalue(), name)
+
+    @_never_raises
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """Bytes as artifact `name` (the others' common path: text, JSON, images)."""
+        self._submit(_Call(f"log_artifact {name}", functools.partial(self._send_bytes, data, name)))
+
+    @_never_raises
+    def log_torch_model(self, model: torch.nn.Module, name: str, input_example: torch.Tensor | None = None,
+                        register_as: str | None = None, dynamic_dims: tuple[int, ...] = (0,)) -> None:
+        """Log `model` as an MLflow model `name`, registered as `register_as` or cfg.register_model_as.
+
+        With `input_example` (one tensor input) it is saved with torch.export ("pt2": loads
+        with mlflow.pytorch.load_model anywhere, no unpickling); `dynamic_dims` are the input
+        dims that may vary at load time (for an encoder: (0, 1), batch and snippets). A model
+        that does not export, or no example, falls back to pickle: loading that needs lofi
+        importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true. The URI lands in logged_models.
+        """
+        register = register_as if register_as is not None else self.cfg.register_model_as
+        example = input_example.detach().to("cpu", copy=True) if input_example is not None else None
+        send = functools.partial(self._send_model, _cpu_copy(model), name, example, tuple(dynamic_dims), register)
+        self._submit(_Call(f"log_torch_model {name}", send))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Send what is queued and mark the run FINISHED, FAILED or KILLED; later calls do nothing."""
+        if not self.enabled or self._ended:
+            return
+        self._ended = True
+        _OPEN.discard(self)
+        if self._dead:
+            return
+        if status not in _STATUSES:
+            self._warn(f"end(status={status!r}) is not one of {_STATUSES}; ending the run as FAILED")
+            status = "FAILED"
+        end_ms = int(time.time() * 1000)
+        self._pending.append(_Call(f"end run as {status}", functools.partial(self._send_end, status, end_ms)))
+        try:
+            self._flush(final=True)
+        except Exception as err:  # the promise holds at the very end too
+            self._warn(f"ending the run failed: {type(err).__name__}: {err}")
+        unsent = self._overflow + Counter(call.what.split()[0] for call in self._pending)
+        if unsent:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(unsent.items()))
+            if self.run_id is None:
+                outcome = "the run was never created"
+            else:
+                outcome = f"run {self.run_id} may show RUNNING there" if self._pending else f"run {self.run_id} ended {status}"
+            self._warn(f"{sum(unsent.values())} call(s) were never sent to {self._uri} ({kinds}); {outcome}")
+        self._pending.clear()
+
+    # ---- sending: queue, retry, go offline ----
+
+    def _open(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._uri = resolve_tracking_uri(self.cfg)
+            backend.mlflow_module()
+        except Exception as err:  # a bad $MLFLOW_TRACKING_URI, a broken MLflow install
+            self._warn(f"tracking is off for this run: {type(err).__name__}: {err}")
+            self._dead = True
+            return
+        if not _OPEN:  # (re-)registered after MLflow's import: runs before the exit hooks MLflow set up then
+            atexit.unregister(_end_open_runs)
+            atexit.register(_end_open_runs)
+        _OPEN.add(self)
+        self._submit(_Call(f"create run {self.run_name!r}", self._create_run, creates_run=True))
+
+    def _submit(self, call: _Call) -> None:
+        if len(self._pending) >= MAX_PENDING_CALLS:
+            if not self._overflow:
+                self._warn(f"{MAX_PENDING_CALLS} calls are queued for an unreachable {self._uri}; dropping new ones")
+            self._overflow[call.what.split()[0]] += 1
+            return
+        self._pending.append(call)
+        if self._offline_until is None or time.monotonic() >= self._offline_until:
+            self._flush()
+
+    def _flush(self, final: bool = False) -> bool:
+        """Send queued calls in order; False when one still fails (it and those after it stay)."""
+        was_offline = self._offline_until is not None
+        attempts = 1 if was_offline and not final else self.cfg.retries + 1
+        sent = 0
+        while self._pending and not self._dead:
+            call = self._pending[0]
+            err = self._attempt(call, attempts)
+            if err is not None and backend.is_transient(err):
+                if not was_offline:
+                    self._warn(f"cannot reach {self._uri} ({type(err).__name__}: {err}); {len(self._pending)} call(s) "
+                               f"queued, next try in {self.cfg.offline_retry_sec:g} s; training goes on")
+                self._offline_until = time.monotonic() + self.cfg.offline_retry_sec
+                return False
+            self._pending.popleft()
+            if err is None:
+                sent += 1
+            elif call.creates_run:
+                self._warn(f"no run: {call.what} was refused ({type(err).__name__}: {err}); "
+                           f"this run logs nothing ({len(self._pending)} queued call(s) dropped)")
+                self._dead = True
+                self._pending.clear()
+                _OPEN.discard(self)
+            else:
+                self._warn(f"{call.what} was refused and is dropped: {type(err).__name__}: {err}")
+        if was_offline:
+            _log.warning("lofi tracking (%s): %s reachable again; sent %d queued call(s)", self.run_name, self._uri, sent)
+            self._offline_until = None
+        return True
+
+    def _attempt(self, call: _Call, attempts: int) -> Exception | None:
+        """None when sent; else the error (a non-transient one is not retried)."""
+        error: Exception | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(_BACKOFF_SEC * 2 ** (attempt - 1), _MAX_BACKOFF_SEC))
+            try:
+                with backend.request_limits(self.cfg.timeout_sec):
+                    call.send()
+                return None
+            except Exception as err:
+                error = err
+                if not backend.is_transient(err):
+                    return err
+        return error
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"lofi tracking ({self.run_name}): {message}", TrackingWarning, stacklevel=3)
+
+    def _client(self) -> Any:
+        return backend.client(self._uri)
+
+    def _create_run(self) -> None:
+        self._experiment_id = backend.experiment_id(self._client(), self._uri, self.cfg.experiment)
+        tags = dict(self._tags)
+        parent_id = self._parent_run_id or self._parent_id()
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self._client().create_run(self._experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+
+    def _parent_id(self) -> str | None:
+        parent = self._parent
+        if parent is None or not parent.active:
+            return parent.run_id if parent else None
+        if parent.run_id is None:
+            parent._flush()  # the child is trying now, so the parent tries too (once: it is offline)
+        if parent.run_id is None:
+            raise ConnectionError(f"parent run {parent.run_name!r} is not created yet")
+        return parent.run_id
+
+    def _send_bytes(self, data: bytes, name: str) -> None:
+        backend.upload_bytes(self._client(), self.run_id, data, name)
+
+    def _send_path(self, source: Path, artifact_path: str | None) -> None:
+        backend.upload_path(self._client(), self.run_id, source, artifact_path)
+
+    def _send_end(self, status: str, end_ms: int) -> None:
+        self._client().set_terminated(self.run_id, status, end_time=end_ms)
+
+    def _send_batch(self, params: list = (), metrics: list = (), tags: list = ()) -> None:
+        backend.log_batch(self._client(), self.run_id, params=params, metrics=metrics, tags=tags)
+
+    def _send_model(self, model: torch.nn.Module, name: str, example: torch.Tensor | None,
+                    dynamic_dims: tuple[int, ...], register_as: str | None) -> None:
+        formats = ("pt2", "pickle") if example is not None else ("pickle",)
+        for fmt in formats:
+            try:
+                uri = backend.log_model(self._client(), self._uri, self.run_id, self._experiment_id, model, name,
+                                        example, dynamic_dims, register_as, fmt, self.cfg.timeout_sec)
+            except Exception as err:
+                if fmt == "pickle" or backend.is_transient(err):
+                    raise
+                self._warn(f"model {name!r} does not export with torch.export ({type(err).__name__}: {err}); "
+                           "logging it as pickle (loads where lofi imports, with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true)")
+                continue
+            self.logged_models.append(uri)
+            _log.info("lofi tracking (%s): logged model %s", self.run_name, uri)
+            return
