@@ -97,3 +97,16 @@ def test_cli_arguments_feed_the_same_path(tmp_path):
     add_config_arguments(parser)
     args = parser.parse_args(["--set", "optim.name=adamw", "--set", "checkpoint=null"])
     assert config_from_args(Run, args) == Run(optim=Optim(name="adamw"))
+
+
+@dataclass(frozen=True)
+class Pair:
+    size: tuple[int, float] = (1, 2.0)
+
+
+def test_fixed_length_tuples_check_each_position():
+    assert from_dict(Pair, {"size": [3, 4]}) == Pair(size=(3, 4.0))
+    with pytest.raises(ConfigError, match=r"size\[0\]: expected an integer"):
+        from_dict(Pair, {"size": [3.5, 4]})
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        from_dict(Pair, {"size": [3]})
