@@ -34,7 +34,7 @@ from lofi.heads import HeadConfig, build_head, head_loss
 from lofi.memory import StepMemory, measure_encoder, measure_step, mib, synthetic_targets
 from lofi.memory_cli import PlanMemoryConfig, PlanRow, extrapolate, run
 from lofi.models.encoders import EncoderConfig, build_encoder
-from lofi.models.resnet import STAGES
+from lofi.models.resnet import CHECKPOINTABLE
 from lofi.targets import TALTargets
 
 LEVELS = ("full", "s_lofi", "t_lofi", "st_lofi")
@@ -78,7 +78,7 @@ def head_step_sec(cfg: HeadConfig, feature_dim: int, num_snippets: int, num_clas
 
 def encoder_activation_per_snippet(model: EncoderConfig, ckpt: bool, frames: int, size_px: int) -> tuple[int, int]:
     """(forward-saved, peak live activation) bytes per snippet of the encoder alone at T=100 (meta)."""
-    cfg = dataclasses.replace(model, activation_checkpointing=STAGES if ckpt else ())
+    cfg = dataclasses.replace(model, activation_checkpointing=CHECKPOINTABLE if ckpt else ())
     encoder = build_encoder(cfg).to("meta")
     probes = tuple((t, measure_encoder(encoder, t, frames, size_px, device="meta")) for t in (1, 2))
     return tuple(extrapolate(probes, f, 100) // 100 for f in ("activation", "activation_peak"))
@@ -116,7 +116,7 @@ def cpu_report(cfg: PlanMemoryConfig, time_snippets: int, repeats: int) -> None:
             head_times[lv.num_snippets] = head_step_sec(cfg.head, 512, lv.num_snippets, cfg.num_classes, repeats)
         key = (lv.frames_per_snippet, lv.size_px, r.checkpointing)
         if key not in encoder_times:
-            enc_cfg = dataclasses.replace(cfg.model, activation_checkpointing=STAGES if r.checkpointing else ())
+            enc_cfg = dataclasses.replace(cfg.model, activation_checkpointing=CHECKPOINTABLE if r.checkpointing else ())
             encoder_times[key] = encoder_sec_per_snippet(enc_cfg, *key[:2], time_snippets, repeats)
         times[(lv.name, r.checkpointing)] = encoder_times[key] * lv.num_snippets + head_times[lv.num_snippets]
 

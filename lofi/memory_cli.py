@@ -30,7 +30,7 @@ from lofi.fidelity import FidelityLevel, LevelOverride, resolve_level
 from lofi.heads import HeadConfig, build_head, head_loss
 from lofi.memory import GIB, StepMemory, measure_encoder, measure_head, mib, static_bytes, synthetic_targets
 from lofi.models.encoders import EncoderConfig, build_encoder
-from lofi.models.resnet import STAGES
+from lofi.models.resnet import CHECKPOINTABLE
 
 
 Probes = tuple[tuple[int, StepMemory], tuple[int, StepMemory]]  # ((x1, measured at x1), (x2, ...)), x1 < x2
@@ -112,7 +112,7 @@ class PlanMemoryConfig:
     levels: tuple[str, ...] = ("full", "s_lofi", "t_lofi", "st_lofi")
     level_overrides: dict[str, LevelOverride] = field(default_factory=dict)
     checkpointing: tuple[bool, ...] = (False, True)  # rows without and with checkpointing
-    checkpoint_stages: tuple[str, ...] = STAGES  # the stages a "ckpt" row checkpoints
+    checkpoint_stages: tuple[str, ...] = CHECKPOINTABLE  # the stages a "ckpt" row checkpoints
     amp: tuple[str, ...] = ("none", "bf16")  # rows per autocast dtype
     budget_gb: float = 16.0
     headroom_gb: float = 0.0
@@ -259,7 +259,7 @@ config keys (YAML file or --set KEY=VALUE):
   levels             fidelity levels to plan: presets full, s_lofi, t_lofi, st_lofi or names
                      defined in level_overrides.NAME.{num_snippets,frames_per_snippet,size_px}
   checkpointing      [false, true]: rows without / with activation checkpointing of
-                     checkpoint_stages (default all four ResNet stages)
+                     checkpoint_stages (default: the stem and all four ResNet stages)
   amp                [none, bf16] autocast rows; fp16 needs device: cuda
   budget_gb          memory per device, GiB; headroom_gb is kept free of it
   optimizer_states   optimizer tensors per parameter (Adam: 2)

@@ -11,8 +11,9 @@ All B*T*F frames of a call go through the ResNet as one batch (the shift reshape
 to (N, F, C, H, W) along F); `chunk_snippets` bounds memory for no-grad extraction.
 
 Memory switches (EncoderConfig):
-- activation_checkpointing: the named stages keep only their input and recompute in
-  backward (torch.utils.checkpoint, use_reentrant=False). The recompute would update the
+- activation_checkpointing: the named parts ("stem", "layer1".."layer4") keep only their
+  input and recompute in backward (torch.utils.checkpoint, use_reentrant=False), one residual
+  block at a time, so the backward peak holds one block's activations, not a whole stage's. The recompute would update the
   BatchNorm running stats a second time; it runs with BN momentum 0 and the batch counter
   restored, so stats move exactly once per step, as without checkpointing.
 - freeze_bn: every BatchNorm stays in eval mode (normalises with, and never updates, its
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from lofi.config import ConfigError
 from lofi.models.checkpoints import FORMATS, LoadedCheckpoint, load_backbone_checkpoint
-from lofi.models.resnet import STAGES, ResNet, tsm_resnet18, tsm_resnet34, tsm_resnet50
+from lofi.models.resnet import CHECKPOINTABLE, STAGES, ResNet, tsm_resnet18, tsm_resnet34, tsm_resnet50
 
 ENCODERS = {"tsm_resnet18": tsm_resnet18, "tsm_resnet34": tsm_resnet34, "tsm_resnet50": tsm_resnet50}
 
@@ -52,7 +53,7 @@ class EncoderConfig:
     checkpoint: str | None = None  # path to a state dict file
     checkpoint_format: Literal["auto", "torchvision", "tsm", "lofi"] = "auto"
     shift_div: int = 8  # 1/shift_div of the channels shift each way; 0 = plain 2D ResNet
-    activation_checkpointing: tuple[str, ...] = ()  # subset of ("layer1","layer2","layer3","layer4")
+    activation_checkpointing: tuple[str, ...] = ()  # subset of ("stem","layer1","layer2","layer3","layer4")
     freeze_bn: bool = False
     frozen_stages: int = 0  # 0 = none, 1 = stem, 2 = stem+layer1, ...
     amp_dtype: Literal["none", "bf16", "fp16"] = "none"
@@ -64,10 +65,10 @@ class EncoderConfig:
             raise ValueError(f"width: must be >= 1, got {self.width}")
         if self.shift_div < 0 or self.shift_div > self.width:
             raise ValueError(f"shift_div: must be 0 (no shift) or 1..width ({self.width}), got {self.shift_div}")
-        bad = [s for s in self.activation_checkpointing if s not in STAGES]
+        bad = [s for s in self.activation_checkpointing if s not in CHECKPOINTABLE]
         if bad or len(set(self.activation_checkpointing)) != len(self.activation_checkpointing):
             raise ValueError(f"activation_checkpointing: {list(self.activation_checkpointing)} must be distinct "
-                             f"names from {list(STAGES)}")
+                             f"names from {list(CHECKPOINTABLE)}")
         if not 0 <= self.frozen_stages <= len(STAGES) + 1:
             raise ValueError(f"frozen_stages: must be 0..{len(STAGES) + 1}, got {self.frozen_stages}")
         if self.checkpoint_format not in FORMATS:

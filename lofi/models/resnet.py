@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from lofi.models.tsm import temporal_shift
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+# What activation checkpointing can name: the stem (conv1, bn1, relu, maxpool) and the stages.
+CHECKPOINTABLE = ("stem",) + STAGES
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -160,18 +162,28 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: Tensor, num_frames: int = 1) -> Tensor:
         """`(N*F, C, H, W)` frames, F adjacent frames per clip -> pooled `(N*F, D)`."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if "stem" in self.checkpoint_stages and torch.is_grad_enabled():
+            # The stem's full-resolution maps are the largest activations of the network.
+            x = checkpoint(self._stem, x, use_reentrant=False,
+                           context_fn=functools.partial(_recompute_context, self.bn1))
+        else:
+            x = self._stem(x)
         for name in STAGES:
             stage = getattr(self, name)
             if name in self.checkpoint_stages and torch.is_grad_enabled():
-                # Only the stage input is kept; its activations are recomputed in backward.
-                x = checkpoint(
-                    _run_stage, stage, x, num_frames, use_reentrant=False,
-                    context_fn=functools.partial(_recompute_context, stage),
-                )
+                # Per block, not per stage: only block inputs are kept, and backward recomputes
+                # one block at a time, so the recompute peak stays one block's activations.
+                for block in stage:
+                    x = checkpoint(
+                        block, x, num_frames, use_reentrant=False,
+                        context_fn=functools.partial(_recompute_context, block),
+                    )
             else:
                 x = _run_stage(stage, x, num_frames)
         return torch.flatten(self.avgpool(x), 1)  # (N*F, D, 1, 1) -> (N*F, D)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: Tensor, num_frames: int = 1) -> Tensor:
         """Frames -> logits `(N*F, K)` with a classifier, else pooled features `(N*F, D)`."""
