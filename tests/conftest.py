@@ -51,3 +51,18 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """`lofi synth` output: 6 intact videos of 20-40 s at 64 px, 10 fps, plus 3 corrupt files.
+
+    Shared read-only by the preprocessing tests; copy it before changing anything.
+    """
+    from pipelines.cli import main
+
+    out = tmp_path_factory.mktemp("synth") / "small"
+    argv = ["synth", str(out), "--videos", "6", "--seed", "3", "--size-px", "64", "--fps", "10", "--corrupt", "3",
+            "--min-duration-sec", "20", "--max-duration-sec", "40", "--quiet"]
+    assert main(argv) == 0
+    return out

@@ -1,0 +1,381 @@
+"""Shard layout, schema, writer and readers of the dataset `lofi prepare` writes.
+
+Layout of an output folder OUT (local):
+
+    OUT/manifest.json                  written (atomically) at the end of every run: resolved config,
+                                       levels, label names, counts, shard files, errors, wall time
+    OUT/prepare_config.json            the config fields that define the data; a rerun must match
+    OUT/_parts/part-<hash>.json        commit record of one part (a group of videos): ids written,
+                                       ids failed with their errors, rows/bytes/file per level
+    OUT/<level>/part-<hash>.parquet    one Parquet file per part and level
+    OUT/.tmp/                          writes in flight; removed when a run starts
+
+A part is written under OUT/.tmp, its files renamed into OUT/<level>/, and only then its
+record renamed into OUT/_parts/: the record is the commit point. Readers take the files
+named by records (the manifest lists the same), so a killed run never exposes half a part;
+files without a record are deleted by the next run, which skips the committed videos.
+`<hash>` is a hash of the part's video ids, so a retried task rewrites the same part.
+
+One row = one video x level x chunk of snippets. Columns (every file of a level has the
+same schema; the schema metadata holds `lofi.schema_version` and the level as JSON):
+
+    video_id, subset, fidelity            string
+    duration_sec                          float64  annotated duration; the snippet grid covers it
+    fps, num_frames                       float64, int64  of the source video (decord's count)
+    num_snippets                          int32    T of the whole video
+    chunk_index, num_chunks               int32    rows of one video are chunks 0..num_chunks-1
+    snippet_start                         int32    index of the row's first snippet in the video
+    num_valid_snippets                    int32    < snippets_per_row only in the zero-padded
+                                                   last chunk of a fixed-stride level
+    timestamps_sec                        tensor float64 (Tc, F): times of the frames sampled
+                                                   (frame index / fps); NaN in padding
+    frame_indices                         tensor int64 (Tc, F); -1 in padding
+    frames                                tensor uint8 (Tc, F, S, S, 3), RGB, channels last
+      or frames_jpeg                      list<binary> of Tc * F JPEG images in (t, f) order
+    segment_start_sec, segment_end_sec    list<float64>  the video's ground-truth segments
+    segment_label, segment_label_id       list<string>, list<int32> (ids index manifest "labels")
+
+Tensors use Arrow's canonical fixed-shape tensor extension type (`arrow.fixed_shape_tensor`),
+so plain pyarrow reads them without Ray (`read_level_table`, then `frames_array` for
+(N, Tc, F, S, S, 3) uint8 from either storage); `read_level_dataset` gives training a Ray
+Dataset of the numeric columns (JPEG decoded on read) for `iter_torch_batches`. Tc =
+`snippets_per_row` (in the manifest per level): the whole video when its frames fit
+`max_row_mib`, else the largest divisor of T that does (fixed-length levels; 32 snippets for
+fixed-stride ones), so rows stay well under Ray's 128 MiB blocks. Frames are written with
+BYTE_STREAM_SPLIT encoding (see `parquet_options`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lofi.errors import LofiError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG_RECORD = "prepare_config.json"
+PARTS_DIR = "_parts"
+TMP_DIR = ".tmp"
+# Fixed-shape numeric columns: what `iter_torch_batches` can stack into tensors.
+NUMERIC_COLUMNS = ("frames", "timestamps_sec", "frame_indices", "duration_sec", "fps", "num_snippets",
+                   "chunk_index", "snippet_start", "num_valid_snippets")
+
+# What decode workers hand to the writer: one row per video x level x chunk (flat payloads,
+# since levels differ in shape), or one row per failed video with `stage` and `error` set.
+STAGING_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("subset", pa.string()), ("path", pa.string()),
+    ("duration_sec", pa.float64()), ("fps", pa.float64()), ("num_frames", pa.int64()),
+    ("segment_start_sec", pa.list_(pa.float64())), ("segment_end_sec", pa.list_(pa.float64())),
+    ("segment_label", pa.list_(pa.string())), ("segment_label_id", pa.list_(pa.int32())),
+    ("fidelity", pa.string()), ("num_snippets", pa.int32()), ("chunk_index", pa.int32()),
+    ("num_chunks", pa.int32()), ("snippet_start", pa.int32()), ("num_valid_snippets", pa.int32()),
+    ("timestamps_sec", pa.list_(pa.float64())), ("frame_indices", pa.list_(pa.int64())),
+    ("frames", pa.large_binary()), ("frames_jpeg", pa.list_(pa.binary())),
+    ("stage", pa.string()), ("error", pa.string()), ("decode_sec", pa.float64()),
+])
+_META_COLUMNS = ("video_id", "subset", "fidelity", "duration_sec", "fps", "num_frames", "num_snippets",
+                 "chunk_index", "num_chunks", "snippet_start", "num_valid_snippets")
+_SEGMENT_COLUMNS = ("segment_start_sec", "segment_end_sec", "segment_label", "segment_label_id")
+
+
+def level_schema(level: dict[str, Any]) -> pa.Schema:
+    """The Parquet schema of one level; `level` is a resolved level as a dict (see prepare)."""
+    rows, frames, size = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
+    fields = [STAGING_SCHEMA.field(name) for name in _META_COLUMNS]
+    fields += [pa.field("timestamps_sec", pa.fixed_shape_tensor(pa.float64(), [rows, frames])),
+               pa.field("frame_indices", pa.fixed_shape_tensor(pa.int64(), [rows, frames]))]
+    if level["storage"] == "uint8":
+        fields.append(pa.field("frames", pa.fixed_shape_tensor(pa.uint8(), [rows, frames, size, size, 3])))
+    else:
+        fields.append(pa.field("frames_jpeg", pa.list_(pa.binary())))
+    fields += [STAGING_SCHEMA.field(name) for name in _SEGMENT_COLUMNS]
+    meta = {b"lofi.schema_version": str(SCHEMA_VERSION).encode(), b"lofi.level": json.dumps(level).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def _tensor(values: np.ndarray, shape: list[int], dtype: pa.DataType) -> pa.ExtensionArray:
+    """Rows of a flat buffer as a fixed-shape tensor column (no copy of contiguous values)."""
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type=dtype), int(np.prod(shape)))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(dtype, shape), storage)
+
+
+def _binary_values(array: pa.LargeBinaryArray) -> np.ndarray:
+    """The concatenated values of a binary array, without copying them."""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+
+
+def staging_to_level(rows: pa.Table, level: dict[str, Any]) -> pa.Table:
+    """Staging rows of one level -> a table in that level's shard schema."""
+    schema = level_schema(level)
+    tc, f, s = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
+    n = rows.num_rows
+    columns = {name: rows.column(name) for name in _META_COLUMNS + _SEGMENT_COLUMNS}
+    times = np.asarray(rows.column("timestamps_sec").combine_chunks().flatten(), dtype=np.float64)
+    columns["timestamps_sec"] = _tensor(times, [tc, f], pa.float64())
+    indices = np.asarray(rows.column("frame_indices").combine_chunks().flatten(), dtype=np.int64)
+    columns["frame_indices"] = _tensor(indices, [tc, f], pa.int64())
+    if level["storage"] == "uint8":
+        pixels = _binary_values(rows.column("frames").combine_chunks())
+        if pixels.size != n * tc * f * s * s * 3:
+            raise ValueError(f"level {level['name']}: frame payload of {pixels.size} bytes does not match {n} rows")
+        columns["frames"] = _tensor(pixels, [tc, f, s, s, 3], pa.uint8())
+    else:
+        columns["frames_jpeg"] = rows.column("frames_jpeg")
+    return pa.table([columns[name] for name in schema.names], schema=schema)
+
+
+def parquet_options(level: dict[str, Any], compression: str) -> dict[str, Any]:
+    """Writer options for a level's shards.
+
+    Parquet has no 8-bit type: a uint8 tensor is a repeated INT32 leaf, 4 bytes a pixel
+    before compression. BYTE_STREAM_SPLIT puts the three zero bytes of every value in their
+    own streams, which compress to nothing: files shrink ~2x under zstd and write faster.
+    No dictionaries or statistics on the tensors: pixels gain nothing from either. Version 2
+    data pages keep the repetition levels out of the compressor (~5% less CPU to write).
+    """
+    options: dict[str, Any] = {"compression": compression, "use_dictionary": False, "data_page_version": "2.0",
+                               "write_statistics": list(_META_COLUMNS)}
+    if level["storage"] == "uint8":
+        options["column_encoding"] = {"frames.list.element": "BYTE_STREAM_SPLIT"}
+    return options
+
+
+def part_name(video_ids: Iterable[str]) -> str:
+    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:16]
+    return f"part-{digest}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """Writes the staging rows of one part to per-level Parquet files and commits them."""
+
+    def __init__(self, out_dir: str | Path, levels: list[dict[str, Any]], compression: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.levels = {level["name"]: level for level in levels}
+        self.compression = compression
+        self.tmp = self.out_dir / TMP_DIR / uuid.uuid4().hex
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.rows = {name: 0 for name in self.levels}
+        self.frames = {name: 0 for name in self.levels}
+        self.ok_ids: set[str] = set()
+        self.chunks: dict[tuple[str, str], tuple[int, set[int]]] = {}  # (video, level) -> (num_chunks, seen)
+        self.errors: list[dict[str, str]] = []
+        self.decode_sec = 0.0
+
+    def add(self, staging: pa.Table) -> None:
+        """Append a block of staging rows; rows of one video must all come in one part."""
+        failed = staging.filter(pa.compute.is_valid(staging.column("error")))
+        for row in failed.select(["video_id", "path", "stage", "error"]).to_pylist():
+            self.errors.append(row)
+        ok = staging.filter(pa.compute.is_null(staging.column("error")))
+        self.decode_sec += float(pa.compute.sum(staging.column("decode_sec")).as_py() or 0.0)
+        for name in set(ok.column("fidelity").to_pylist()):
+            rows = ok.filter(pa.compute.equal(ok.column("fidelity"), name))
+            table = staging_to_level(rows, self.levels[name])
+            if name not in self.writers:
+                self.tmp.mkdir(parents=True, exist_ok=True)
+                self.writers[name] = pq.ParquetWriter(self.tmp / f"{name}.parquet", table.schema,
+                                                      **parquet_options(self.levels[name], self.compression))
+            self.writers[name].write_table(table)
+            self.rows[name] += table.num_rows
+            valid = pa.compute.sum(table.column("num_valid_snippets")).as_py()
+            self.frames[name] += valid * self.levels[name]["frames_per_snippet"]
+            ids, chunks, counts = (rows.column(c).to_pylist() for c in ("video_id", "chunk_index", "num_chunks"))
+            for vid, chunk, count in zip(ids, chunks, counts):
+                self.ok_ids.add(vid)
+                self.chunks.setdefault((vid, name), (count, set()))[1].add(chunk)
+
+    def commit(self) -> dict[str, Any]:
+        """Move the files into place, then write the part record that makes them count."""
+        for writer in self.writers.values():
+            writer.close()
+        failed_ids = sorted({e["video_id"] for e in self.errors} - self.ok_ids)
+        for vid in self.ok_ids:  # a video counts as written only with every chunk of every level
+            for level in self.levels:
+                count, got = self.chunks.get((vid, level), (1, set()))
+                if got != set(range(count)):
+                    raise RuntimeError(f"part holds chunks {sorted(got)} of {count} of video {vid} at level {level}: "
+                                       "its rows were split across write tasks (decode and write not fused)")
+        name = part_name(sorted(self.ok_ids) + failed_ids)
+        record_path = self.out_dir / PARTS_DIR / f"{name}.json"
+        record: dict[str, Any] = {"part": name, "video_ids": sorted(self.ok_ids), "failed_ids": failed_ids,
+                                  "errors": self.errors, "decode_sec": self.decode_sec, "levels": {}}
+        if record_path.exists():  # a retried task: the first attempt already committed this part
+            _remove_tree(self.tmp)
+            return json.loads(record_path.read_text())
+        for level, writer in self.writers.items():
+            rel = f"{level}/{name}.parquet"
+            (self.out_dir / level).mkdir(exist_ok=True)
+            os.replace(self.tmp / f"{level}.parquet", self.out_dir / rel)
+            record["levels"][level] = {"file": rel, "rows": self.rows[level], "frames": self.frames[level],
+                                       "bytes": (self.out_dir / rel).stat().st_size}
+        (self.out_dir / PARTS_DIR).mkdir(exist_ok=True)
+        write_json_atomic(record_path, record)
+        _remove_tree(self.tmp)
+        return record
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def committed_parts(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Records of the parts that finished writing, sorted by part name."""
+    parts = Path(out_dir) / PARTS_DIR
+    if not parts.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(parts.glob("part-*.json"))]
+
+
+def remove_uncommitted(out_dir: str | Path, level_names: Iterable[str]) -> int:
+    """Delete writes a killed run left behind; return how many shard files went.
+
+    A record whose files are gone (a task that outlived its killed driver and committed
+    while the next run was cleaning up) is dropped too, so its videos are redone.
+    """
+    out = Path(out_dir)
+    _remove_tree(out / TMP_DIR)
+    for part in committed_parts(out):
+        if not all((out / info["file"]).is_file() for info in part["levels"].values()):
+            (out / PARTS_DIR / f"{part['part']}.json").unlink()
+    kept = {info["file"] for part in committed_parts(out) for info in part["levels"].values()}
+    removed = 0
+    for level in level_names:
+        for path in sorted((out / level).glob("part-*.parquet")):
+            if f"{level}/{path.name}" not in kept:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise LofiError(f"{path} does not exist: run `lofi prepare` with output {out_dir} to completion first")
+    return json.loads(path.read_text())
+
+
+def level_files(out_dir: str | Path, level: str) -> tuple[dict[str, Any], list[str]]:
+    """The manifest entry of `level` and the absolute paths of its shard files."""
+    manifest = read_manifest(out_dir)
+    levels = {entry["name"]: entry for entry in manifest["levels"]}
+    if level not in levels:
+        raise LofiError(f"{Path(out_dir) / MANIFEST}: no level {level!r}; levels: {', '.join(levels)}")
+    return levels[level], [str(Path(out_dir) / rel) for rel in levels[level]["shards"]]
+
+
+def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of one level with plain pyarrow (no Ray), sorted by video id and chunk."""
+    entry, files = level_files(out_dir, level)
+    if not files:
+        empty = level_schema(entry).empty_table()
+        return empty if columns is None else empty.select(columns)
+    need = None if columns is None else sorted(set(columns) | {"video_id", "chunk_index"})
+    table = pa.concat_tables([pq.read_table(f, columns=need) for f in files])
+    table = table.sort_by([("video_id", "ascending"), ("chunk_index", "ascending")])
+    return table if columns is None else table.select(columns)
+
+
+def frames_array(table: pa.Table) -> np.ndarray:
+    """Frames (N, Tc, F, S, S, 3) uint8 of a level table, decoding JPEG storage if needed."""
+    if "frames" in table.column_names:
+        return table.column("frames").combine_chunks().to_numpy_ndarray()
+    level = json.loads(table.schema.metadata[b"lofi.level"])
+    rows = [decode_jpeg_row(images, level) for images in table.column("frames_jpeg").to_pylist()]
+    shape = (0, level["snippets_per_row"], level["frames_per_snippet"], level["size_px"], level["size_px"], 3)
+    return np.stack(rows) if rows else np.zeros(shape, dtype=np.uint8)
+
+
+def decode_jpeg_row(images: list[bytes], level: dict[str, Any]) -> np.ndarray:
+    """One row's JPEG images -> (Tc, F, S, S, 3) uint8."""
+    from PIL import Image
+
+    tc, f, s = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])  # (Tc*F, S, S, 3)
+    return pixels.reshape(tc, f, s, s, 3)  # (Tc*F, S, S, 3) -> (Tc, F, S, S, 3)
+
+
+def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...] | None = NUMERIC_COLUMNS):
+    """A Ray Dataset of one level for training: JPEG decoded to `frames`, `columns` selected.
+
+    The default columns are the fixed-shape numeric ones, which `iter_torch_batches`
+    stacks into tensors; pass `columns=None` to keep all (segments are ragged lists).
+    """
+    import ray.data
+
+    entry, files = level_files(out_dir, level)
+    if not files:
+        raise LofiError(f"{out_dir}: level {level!r} has no rows (every video failed?); see errors in the manifest")
+    ds = ray.data.read_parquet(files)
+    if entry["storage"] == "jpeg":
+        ds = ds.map_batches(_decode_jpeg_batch, fn_kwargs={"level": entry}, batch_format="pyarrow")
+    return ds if columns is None else ds.select_columns(list(columns))
+
+
+def _decode_jpeg_batch(batch: pa.Table, level: dict[str, Any]) -> pa.Table:
+    tc, f, s = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
+    pixels = np.stack([decode_jpeg_row(images, level) for images in batch.column("frames_jpeg").to_pylist()])
+    return batch.append_column("frames", _tensor(pixels, [tc, f, s, s, 3], pa.uint8()))
+
+
+def build_manifest(out_dir: str | Path, config: dict[str, Any], levels: list[dict[str, Any]], labels: Iterable[str],
+                   list_errors: list[dict[str, str]], total: int, wall_time_sec: float,
+                   processed: int) -> dict[str, Any]:
+    """The manifest of OUT from its committed parts; `levels` resolved, `list_errors` found by the driver."""
+    parts = committed_parts(out_dir)
+    ok = sum(len(p["video_ids"]) for p in parts)
+    errors = list_errors + sorted((e for p in parts for e in p["errors"]), key=lambda e: e["video_id"])
+    entries = []
+    for level in levels:
+        written = [p["levels"][level["name"]] for p in parts if level["name"] in p["levels"]]
+        size = sum(w["bytes"] for w in written)
+        entries.append({**level, "videos": ok, "rows": sum(w["rows"] for w in written),
+                        "frames": sum(w["frames"] for w in written), "bytes": size,
+                        "bytes_per_video": size / ok if ok else 0.0, "shards": sorted(w["file"] for w in written)})
+    return {"schema_version": SCHEMA_VERSION, "config": config, "labels": list(labels), "levels": entries,
+            "counts": {"videos_total": total, "videos_ok": ok, "videos_failed": len(errors),
+                       "videos_processed_this_run": processed, "frames": sum(e["frames"] for e in entries),
+                       "bytes": sum(e["bytes"] for e in entries)},
+            "wall_time_sec": wall_time_sec, "videos_per_sec": processed / wall_time_sec if wall_time_sec else 0.0,
+            "decode_sec": sum(p["decode_sec"] for p in parts), "errors": errors}
+
+
+def summary_lines(manifest: dict[str, Any], out_dir: str) -> list[str]:
+    """The end-of-run summary: videos ok/failed, frames, bytes, seconds, videos/s, per level, errors."""
+    c = manifest["counts"]
+    lines = [f"lofi prepare: {c['videos_ok']} videos ok, {c['videos_failed']} failed (of {c['videos_total']}); "
+             f"{c['videos_processed_this_run']} processed in {manifest['wall_time_sec']:.1f} s "
+             f"({manifest['videos_per_sec']:.2f} videos/s)",
+             f"  wrote {out_dir}: {c['frames']} frames, {c['bytes'] / 2**20:.1f} MiB"]
+    for lv in manifest["levels"]:
+        grid = f"T={lv['num_snippets']}" if lv["num_snippets"] else f"stride {lv['snippet_stride_sec']:g} s"
+        lines.append(f"  level {lv['name']}: {grid} "
+                     f"F={lv['frames_per_snippet']} S={lv['size_px']} {lv['storage']}: {lv['rows']} rows, "
+                     f"{lv['bytes_per_video'] / 2**10:.1f} KiB/video, {len(lv['shards'])} shard files")
+    for e in manifest["errors"][:20]:
+        lines.append(f"  error {e['video_id']} [{e['stage']}] {e['path']}: {e['error']}")
+    if len(manifest["errors"]) > 20:
+        lines.append(f"  ... and {len(manifest['errors']) - 20} more errors in {out_dir}/{MANIFEST}")
+    return lines
