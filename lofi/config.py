@@ -40,14 +40,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors: list[tuple[Any, ConfigError]] = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append((option, err))
+        # A mapping was meant as a section: its own error (an unknown key, a bad value) is the
+        # useful one, not "matches none of".
+        sections = [err for option, err in errors if dataclasses.is_dataclass(option)]
+        if isinstance(value, dict) and len(sections) == 1:
+            raise sections[0]
+        if len(errors) == 1:
+            raise errors[0][1]
         raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)

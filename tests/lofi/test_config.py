@@ -110,3 +110,16 @@ def test_fixed_length_tuples_check_each_position():
         from_dict(Pair, {"size": [3.5, 4]})
     with pytest.raises(ConfigError, match="expected 2 items"):
         from_dict(Pair, {"size": [3]})
+
+
+@dataclass(frozen=True)
+class Levels:
+    levels: tuple[Optim | str, ...] = ("full",)
+
+
+def test_a_section_inside_a_union_reports_its_own_error():
+    assert from_dict(Levels, {"levels": ["s_lofi", {"lr": 0.5}]}).levels == ("s_lofi", Optim(lr=0.5))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) levels\[1\]\.learning_rate"):
+        from_dict(Levels, {"levels": ["s_lofi", {"learning_rate": 0.5}]})
+    with pytest.raises(ConfigError, match=r"levels\[0\]: 3 matches none of"):
+        from_dict(Levels, {"levels": [3]})
