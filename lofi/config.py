@@ -115,7 +115,13 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+            value = data[name]
+            default = _default(field)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                # A section given in part keeps the rest of its default (which may differ
+                # from the section class's own defaults, e.g. pretrain's learning rate).
+                value = _merge(to_dict(default), value)
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix}{name}: required key is missing; add it to the config or --set {prefix}{name}=...")
     try:
@@ -124,6 +130,24 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class DataSection:
     full_level: str = "full"  # the shard level that features are extracted at (full fidelity)
     pretrain_level: str = ""  # the shard level stage 1 cuts its clips from; empty: full_level
     pretrain_background: bool = True  # stage 1: snippets outside every segment form one extra "background" class
+    # training datasets whose decoded frames (or features) fit in this many MiB are read once on the driver
+    # into Ray's object store, so epochs skip reading and decoding shards; larger ones stream from the
+    # shards every epoch. 0: always stream.
+    cache_max_mib: float = 1024.0
 
 
 @dataclass(frozen=True)

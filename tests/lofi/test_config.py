@@ -123,3 +123,17 @@ def test_a_section_inside_a_union_reports_its_own_error():
         from_dict(Levels, {"levels": ["s_lofi", {"learning_rate": 0.5}]})
     with pytest.raises(ConfigError, match=r"levels\[0\]: 3 matches none of"):
         from_dict(Levels, {"levels": [3]})
+
+
+@dataclass(frozen=True)
+class Stages:
+    pretrain: Optim = field(default_factory=lambda: Optim(lr=0.01, epochs=5))
+    train: Optim = field(default_factory=Optim)
+
+
+def test_a_section_given_in_part_keeps_its_own_defaults(tmp_path):
+    cfg = load_config(Stages, None, ["pretrain.epochs=1"])
+    assert cfg.pretrain == Optim(lr=0.01, epochs=1) and cfg.train == Optim()
+    path = tmp_path / "s.yaml"
+    path.write_text("pretrain:\n  name: adamw\n")
+    assert load_config(Stages, path).pretrain == Optim(lr=0.01, epochs=5, name="adamw")

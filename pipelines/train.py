@@ -1,0 +1,371 @@
+"""`lofi train`: stage 2, LoFi end-to-end training of the encoder and the TAL head.
+
+Every batch is read at the fidelity level the schedule picks (`fidelity` section:
+full / s_lofi / t_lofi / st_lofi, or c_lofi cycling S -> T -> ST per epoch or every
+`every_batches` batches; `lofi.fidelity`). Each level is read from the `lofi prepare` shards
+of the same name, which must have the schedule level's T, F and S and whole videos per row.
+The batch size is the same at every level (LoFi keeps the mini-batch, not the memory, fixed).
+
+The model (`TALModel`): encoder frames (B, T, F, S, S, 3) uint8 -> features (B, D, T) ->
+linear resampling to the head's fixed grid of T_head snippets -> head -> HeadOutput. The head
+has no T-dependent weights, but its targets and proposal maps live on one grid, which keeps
+the losses of all levels comparable. The loss of a batch is the mean of per-video head
+losses (`batches.tal_batch_loss`).
+
+The evaluation level: `data.full_level` when its shards hold whole videos on a fixed grid (the
+fidelity the encoder is used at afterwards), else the schedule's finest level. Validation
+runs there every epoch (a loss comparable across epochs whatever level trained), and its T
+is T_head.
+
+Starts from `encoder.checkpoint` (e.g. `<run>/pretrain/encoder.pt`); the encoder's learning
+rate is `train.lr * train.encoder_lr_scale`, the head's `train.lr` (StepLR on both).
+
+Writes `<run>/train/encoder.pt` (VideoEncoder state dict, lofi naming, for extraction),
+`model.pt` (the TALModel state dict: `encoder.*` and `head.*`) and `model.json` (what
+rebuilding it needs). `StageResult.metrics["activation_memory_bytes"]`: the tensors autograd
+saves in one training step of the per-worker batch at the schedule's largest level, measured
+with lofi.memory (encoder probed at T = 2 and 3 and scaled, as `lofi plan-memory` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lofi.config import add_config_arguments, config_from_args, to_dict
+from lofi.errors import LofiError, cli_errors
+from lofi.fidelity import FidelityLevel, FidelitySchedule
+from lofi.heads import build_head, head_loss
+from lofi.models.encoders import build_encoder
+from pipelines import shards
+from pipelines.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
+                               read_video_labels, tal_batch_loss, tensor_column, video_seed)
+from pipelines.cluster import connect_ray
+from pipelines.config import PipelineConfig, StageResult
+from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, fit, fits_in_memory,
+                               log_training, numeric, stage_tracker, summary_lines, table_dataset, worker_loop)
+
+STAGE = "train"
+LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
+
+
+class TALModel(nn.Module):
+    """Encoder + head end to end: frames (B, T, F, H, W, C) -> HeadOutput on the head's grid."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, head_snippets: int) -> None:
+        super().__init__()
+        self.encoder, self.head, self.head_snippets = encoder, head, head_snippets
+
+    def forward(self, frames: torch.Tensor) -> Any:
+        features = self.encoder(frames)  # (B, T, F, H, W, C) -> (B, D, T)
+        if features.shape[-1] != self.head_snippets:
+            # Both grids cover the whole video, so resampling keeps each feature at its time.
+            features = F.interpolate(features, size=self.head_snippets, mode="linear", align_corners=False)
+        return self.head(features)  # (B, D, T_head) -> HeadOutput
+
+
+# 1. inputs ---------------------------------------------------------------------------------
+
+def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
+    """(manifest, problems): each schedule level must be prepared at its T/F/S with whole-video rows."""
+    if not cfg.data.shards:
+        raise LofiError("data.shards is empty: set it to the output folder of `lofi prepare` (--set data.shards=DIR)")
+    manifest = shards.read_manifest(cfg.data.shards)
+    where = f"{cfg.data.shards}/{shards.MANIFEST}"
+    entries = {entry["name"]: entry for entry in manifest["levels"]}
+    problems = []
+    for level in FidelitySchedule(cfg.fidelity).levels():
+        entry = entries.get(level.name)
+        if entry is None:
+            problems.append(f"{where}: no level {level.name!r}, which fidelity.kind={cfg.fidelity.kind} trains on "
+                            f"(levels there: {', '.join(entries)}); add a level named {level.name} to the prepare "
+                            "config's levels, or choose another fidelity.kind")
+            continue
+        if entry["num_snippets"] is None:
+            problems.append(f"{where}: level {level.name!r} has a fixed stride (snippet_stride_sec), so videos differ "
+                            f"in T; end-to-end training needs num_snippets: {level.num_snippets}")
+            continue
+        for key in ("num_snippets", "frames_per_snippet", "size_px"):
+            if entry[key] != getattr(level, key):
+                problems.append(f"{where}: level {level.name!r}: {key} is {entry[key]} in the shards but "
+                                f"{getattr(level, key)} in the fidelity schedule; prepare it with {key}: "
+                                f"{getattr(level, key)}, or --set fidelity.overrides.{level.name}.{key}={entry[key]}")
+        problems += _chunk_problems(cfg, entry)
+    return manifest, problems
+
+
+def _chunk_problems(cfg: PipelineConfig, entry: dict[str, Any]) -> list[str]:
+    """Training batches whole videos: every row of the level must be a video's only chunk."""
+    import pyarrow.compute as pc
+
+    table = shards.read_level_table(cfg.data.shards, entry["name"], ["video_id", "num_chunks"])
+    chunked = sorted(set(table.filter(pc.greater(table.column("num_chunks"), 1)).column("video_id").to_pylist()))
+    if not chunked:
+        return []
+    frame_mib = entry["num_snippets"] * entry["frames_per_snippet"] * entry["size_px"] ** 2 * 3 / 2**20
+    return [f"{cfg.data.shards}: level {entry['name']!r}: videos {', '.join(chunked[:5])}"
+            f"{' ...' if len(chunked) > 5 else ''} are split into chunks (num_chunks > 1; rows hold "
+            f"{entry['snippets_per_row']} of {entry['num_snippets']} snippets), but training needs whole videos per "
+            f"row: rerun `lofi prepare --overwrite` with max_row_mib above {frame_mib:.1f} (one video's frames)"]
+
+
+def eval_level(cfg: PipelineConfig, manifest: dict[str, Any], levels: tuple[FidelityLevel, ...]) -> FidelityLevel:
+    """The level validation runs at and whose T is the head's grid: `data.full_level` (what the encoder
+    is used at later) when its rows are whole videos on a fixed grid, else the schedule's finest level."""
+    full = next((e for e in manifest["levels"] if e["name"] == cfg.data.full_level), None)
+    if full is not None and full["num_snippets"] is not None and full["snippets_per_row"] == full["num_snippets"]:
+        return FidelityLevel(full["name"], full["num_snippets"], full["frames_per_snippet"], full["size_px"])
+    return max(levels, key=lambda level: (level.num_snippets, level.pixels_per_video()))
+
+
+def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str, int]) -> Any:
+    """Ray Dataset of one level's whole-video rows of a subset: frames, video_index, duration_sec."""
+    import pyarrow.compute as pc
+    from ray.data.expressions import col
+
+    entry, _ = shards.level_files(cfg.data.shards, level)
+    if fits_in_memory(cfg, entry["frames"] * entry["size_px"] ** 2 * 3):  # all subsets: an upper bound
+        table = shards.read_level_table(cfg.data.shards, level)
+        table = table.filter(pc.equal(table.column("subset"), subset))
+        rows = add_video_index(table.select(["video_id", "duration_sec"]), index)
+        rows = rows.append_column("frames", tensor_column(shards.frames_array(table)))
+        return table_dataset(rows.select(list(VIDEO_BATCH_COLUMNS)))
+    ds = shards.read_level_dataset(cfg.data.shards, level, columns=("video_id", "subset", "duration_sec", "frames"))
+    ds = ds.filter(expr=col("subset") == subset)
+    ds = ds.map_batches(add_video_index, batch_format="pyarrow", fn_kwargs={"index": index})
+    return ds.select_columns(list(VIDEO_BATCH_COLUMNS))
+
+
+# 2. the worker loop --------------------------------------------------------------------------
+
+class TrainLoop:
+    name = STAGE
+    samples = "videos"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.labels = {int(i): VideoLabel(**v) for i, v in config["labels"].items()}
+        self.num_classes, self.head_snippets = int(config["num_classes"]), int(config["head_snippets"])
+        self.val_level = FidelityLevel(**config["val_level"]) if config["val_level"] else None
+        self.schedule: FidelitySchedule | None = None
+        self.epoch_level: FidelityLevel | None = None
+
+    def build_model(self, ctx: WorkerContext) -> nn.Module:
+        self.schedule = FidelitySchedule(ctx.cfg.fidelity)
+        encoder = build_encoder(ctx.cfg.encoder)
+        head = build_head(ctx.cfg.head, encoder.feature_dim, self.head_snippets, self.num_classes)
+        return TALModel(encoder, head, self.head_snippets)
+
+    def param_groups(self, model: nn.Module, optim: Any) -> list[dict[str, Any]]:
+        encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+        groups = [{"params": list(model.head.parameters()), "name": "head"}]
+        if encoder:  # frozen_stages=5 leaves none
+            groups.append({"params": encoder, "name": "encoder", "lr": optim.lr * optim.encoder_lr_scale})
+        return groups
+
+    def epoch_batches(self, ctx: WorkerContext, epoch: int, global_batch: int) -> Iterator[Any]:
+        levels = self.schedule.levels()
+        self.epoch_level = self.schedule.level_at(epoch, global_batch)
+        if ctx.cfg.fidelity.cycle == "epoch" or len(levels) == 1:
+            for batch in ctx.batches(f"train/{self.epoch_level.name}", epoch, train=True):
+                yield self.epoch_level, batch
+            return
+        # A short cycle switches level every few batches: every level is read in lockstep (the
+        # same number of batches each) and the schedule picks which batch is trained on.
+        streams = [ctx.batches(f"train/{level.name}", epoch, train=True) for level in levels]
+        for offset, group in enumerate(zip(*streams)):
+            position = self.schedule.position(epoch, global_batch + offset)
+            self.epoch_level = levels[position]
+            yield self.epoch_level, group[position]
+
+    def step(self, ctx: WorkerContext, model: nn.Module, batch: Any, epoch: int) -> StepOutput:
+        level, data = batch
+        indices = data["video_index"].tolist()
+        targets = batch_targets(indices, self.labels, self.head_snippets, ctx.cfg.head, self.num_classes)
+        out = model(data["frames"])
+        seeds = [video_seed(ctx.cfg.run.seed, epoch, i) for i in indices]
+        losses = tal_batch_loss(ctx.cfg.head, out, targets.to(ctx.device), seeds)
+        frames = len(indices) * level.num_snippets * level.frames_per_snippet
+        return StepOutput(losses, len(indices), frames, level.name)
+
+    def validate(self, ctx: WorkerContext, model: nn.Module, epoch: int) -> dict[str, Any]:
+        level = self.epoch_level
+        info = {"level_num_snippets": level.num_snippets, "level_frames_per_snippet": level.frames_per_snippet,
+                "level_size_px": level.size_px} if level else {}
+        if self.val_level is None:
+            return info
+        sums = {key: 0.0 for key in LOSS_KEYS} | {"videos": 0.0}
+        for data in ctx.batches("val", epoch, train=False):
+            indices = data["video_index"].tolist()
+            targets = batch_targets(indices, self.labels, self.head_snippets, ctx.cfg.head, self.num_classes)
+            # a fixed seed per video (epoch -1): the validation loss moves only with the model
+            losses = tal_batch_loss(ctx.cfg.head, model(data["frames"]), targets.to(ctx.device),
+                                    [video_seed(ctx.cfg.run.seed, -1, i) for i in indices])
+            for key in LOSS_KEYS:
+                sums[key] += float(losses[key]) * len(indices)
+            sums["videos"] += len(indices)
+        sums = all_reduce(sums, ctx.device)
+        out = {f"val_loss_{k}": sums[k] / sums["videos"] for k in LOSS_KEYS} if sums["videos"] else {}
+        return info | out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+
+
+def _loop(config: dict[str, Any]) -> None:
+    worker_loop(TrainLoop(config), config)
+
+
+# 3. the stage --------------------------------------------------------------------------------
+
+def activation_memory_bytes(cfg: PipelineConfig, levels: tuple[FidelityLevel, ...], head_t: int, num_classes: int,
+                            batch_size: int) -> int:
+    """Saved-tensor bytes of one training step of `batch_size` videos at the most costly level.
+
+    lofi.memory's scaling argument: the encoder's saved bytes are affine in the snippets it
+    sees (B videos = B * T snippets), the head's affine in B at its fixed grid; two small
+    probes of each give the exact figure at any size without running it.
+    """
+    from lofi.memory import measure_encoder, measure_head, synthetic_targets
+
+    amp = cfg.encoder.amp_dtype
+    if amp == "fp16" and not torch.cuda.is_available():
+        amp = "bf16"  # CPU autocast has no fp16; both are 2-byte types (the autocast op lists differ a little)
+    enc_cfg = dataclasses.replace(cfg.encoder, checkpoint=None, amp_dtype=amp)
+    # meta: no data and no compute, the same bytes; autocast needs a real device
+    device = "meta" if amp == "none" else ("cuda" if amp == "fp16" else "cpu")
+    encoder = build_encoder(enc_cfg).to(device)
+    head = build_head(cfg.head, encoder.feature_dim, head_t, num_classes)
+    max_d = cfg.head.resolved_max_duration(head_t)
+    region = cfg.head.boundary_region_snippets
+    h1, h2 = (measure_head(head, encoder.feature_dim, head_t,
+                           synthetic_targets(b, head_t, max_d, num_classes, region_snippets=region),
+                           lambda out, targets: head_loss(cfg.head, out, targets), batch_size=b).saved_bytes
+              for b in (1, 2))
+    head_bytes = h1 + (h2 - h1) * (batch_size - 1)
+    best = 0
+    for level in levels:
+        e2, e3 = (measure_encoder(encoder, t, level.frames_per_snippet, level.size_px, device=device).saved_bytes
+                  for t in (2, 3))
+        best = max(best, e2 + (e3 - e2) * (batch_size * level.num_snippets - 2) + head_bytes)
+    return int(best)
+
+
+def _plan(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything the driver checks and derives before training; all problems at once."""
+    manifest, problems = check_levels(cfg)
+    levels = FidelitySchedule(cfg.fidelity).levels()
+    labels: dict[str, VideoLabel] = {}
+    for level in levels:
+        if not problems:
+            labels.update(read_video_labels(shards.level_files(cfg.data.shards, level.name)[1]))
+    train = [v for v in labels.values() if v.subset == cfg.data.train_subset]
+    if not problems and len(train) < cfg.train.batch_size:
+        problems.append(f"{cfg.data.shards}: {len(train)} videos of subset {cfg.data.train_subset!r}, fewer than "
+                        f"train.batch_size={cfg.train.batch_size}; lower train.batch_size or set data.train_subset")
+    if not manifest["labels"]:
+        problems.append(f"{cfg.data.shards}/{shards.MANIFEST}: no class labels; the annotations hold no segments")
+    try:
+        cfg.train.per_worker_batch(cfg.scaling.num_workers)
+    except ValueError as err:
+        problems.append(f"train.batch_size: {err}")
+    if problems:
+        raise LofiError(f"lofi train cannot start ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
+    index, by_index = index_videos(labels)
+    has_val = any(v.subset == cfg.data.val_subset for v in labels.values())
+    val_level = eval_level(cfg, manifest, levels)
+    return {"manifest": manifest, "levels": levels, "index": index, "val_level": val_level if has_val else None,
+            "loop": {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()},
+                     "num_classes": len(manifest["labels"]), "head_snippets": val_level.num_snippets,
+                     "val_level": dataclasses.asdict(val_level) if has_val else None}}
+
+
+def write_outputs(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any]) -> dict[str, str]:
+    out_dir = cfg.run.stage_dir(STAGE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = state["model"]
+    paths = {"encoder": out_dir / "encoder.pt", "model": out_dir / "model.pt", "model_config": out_dir / "model.json"}
+    torch.save({k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}, paths["encoder"])
+    torch.save(model, paths["model"])
+    paths["model_config"].write_text(json.dumps({
+        "encoder": to_dict(dataclasses.replace(cfg.encoder, checkpoint=None)), "head": to_dict(cfg.head),
+        "head_snippets": plan["loop"]["head_snippets"], "num_classes": plan["loop"]["num_classes"],
+        "labels": plan["manifest"]["labels"], "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
+    }, indent=1))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _log_encoder(tracker: Any, cfg: PipelineConfig, encoder_path: str, levels: tuple[FidelityLevel, ...]) -> None:
+    # plain float32 inference: what a user of the logged model runs, on any device
+    encoder = build_encoder(dataclasses.replace(cfg.encoder, checkpoint=encoder_path, checkpoint_format="lofi",
+                                                amp_dtype="none", activation_checkpointing=()))
+    level = max(levels, key=lambda lv: lv.pixels_per_video())
+    example = torch.zeros(1, 2, level.frames_per_snippet, level.size_px, level.size_px, 3, dtype=torch.uint8)
+    tracker.log_torch_model(encoder.eval(), "encoder", input_example=example, dynamic_dims=(0, 1))
+
+
+def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
+    """Stage 2: LoFi training of encoder + head; writes <run>/train/encoder.pt and model.pt."""
+    start = time.perf_counter()
+    plan = _plan(cfg)
+    levels, loop = plan["levels"], plan["loop"]
+    memory = activation_memory_bytes(cfg, levels, loop["head_snippets"], loop["num_classes"],
+                                     cfg.train.per_worker_batch(cfg.scaling.num_workers))
+    connect_ray(cfg.ray)
+    with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
+        tracker.log_config(cfg)
+        datasets = {f"train/{lv.name}": video_dataset(cfg, lv.name, cfg.data.train_subset, plan["index"])
+                    for lv in levels}
+        if plan["val_level"] is not None:
+            datasets["val"] = video_dataset(cfg, plan["val_level"].name, cfg.data.val_subset, plan["index"])
+        result = fit(cfg, STAGE, _loop, loop, datasets)
+        history = epoch_history(result)
+        log_training(tracker, history)
+        tracker.log_metrics({"activation_memory_bytes": float(memory)}, step=0)
+        artifacts = write_outputs(cfg, final_state(result), plan)
+        for path in artifacts.values():
+            tracker.log_artifact(path)
+        _log_encoder(tracker, cfg, artifacts["encoder"], levels)
+        run_id = tracker.run_id
+    metrics = (numeric(history[-1]) if history else {}) | {"activation_memory_bytes": float(memory)}
+    seconds = time.perf_counter() - start
+    print("\n".join(summary_lines(cfg, STAGE, seconds, len(history), metrics, artifacts, run_id)), flush=True)
+    return StageResult(stage=STAGE, out_dir=str(cfg.run.stage_dir(STAGE)), metrics=metrics, seconds=seconds,
+                       mlflow_run_id=run_id, artifacts=artifacts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lofi train",
+        description="Stage 2 (LoFi): train the encoder and the TAL head end to end with Ray Train, each batch at the "
+                    "fidelity level the schedule picks (fidelity.kind full, s_lofi, t_lofi, st_lofi or c_lofi), read "
+                    "from the `lofi prepare` shard level of the same name (same T, F, S; whole videos per row). "
+                    "DDP over scaling.num_workers workers at the same global batch; a checkpoint every epoch; "
+                    "rerunning with the same run.name resumes. Writes <run.storage>/<run.name>/train/encoder.pt, "
+                    "model.pt and model.json.",
+        epilog="Config keys used (YAML or --set): data.shards, data.full_level (sets the head's grid), "
+               "data.train_subset, data.val_subset; fidelity.kind, fidelity.cycle (epoch|batches), "
+               "fidelity.every_batches, fidelity.overrides.<level>.{num_snippets,frames_per_snippet,size_px}; "
+               "encoder.* (checkpoint: e.g. the stage-1 encoder.pt; activation_checkpointing, amp_dtype, freeze_bn, "
+               "frozen_stages); head.*; train.* (optimizer, lr, momentum, weight_decay, epochs, lr_step_epochs, "
+               "lr_gamma, batch_size (global), encoder_lr_scale, grad_clip_norm, shuffle_buffer_rows); run.name, "
+               "run.storage, run.seed, run.max_failures, run.deterministic; scaling.num_workers, scaling.use_gpu, "
+               "scaling.cpus_per_worker; tracking.*; ray.address, ray.num_cpus.")
+    add_config_arguments(parser)
+    return parser
+
+
+@cli_errors("train")
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(PipelineConfig, build_parser().parse_args(argv))
+    run(cfg)
+    return 0

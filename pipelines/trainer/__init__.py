@@ -1,0 +1,67 @@
+"""The one Ray Train harness of the training stages: `lofi pretrain`, `lofi train`, `lofi train-head`.
+
+A stage supplies a `StageLoop` (its model, what a batch and its loss are, how it validates)
+and the harness does the rest, the same way for all three.
+
+Driver (`fit`): one Ray Train V2 `TorchTrainer` with `ScalingConfig(num_workers, use_gpu)`,
+`RunConfig(name=<stage>, storage_path=<run>/ray)`, `FailureConfig(run.max_failures)` and the
+stage's Ray Datasets. Datasets named "train..." are streamed and split equally over the
+workers (`streaming_split(equal=True)`: DDP needs every worker to take the same number of
+steps; a remainder row is dropped); "val..." datasets are split without dropping rows. Ray
+Data runs with preserve_order, so each worker's rows come in a fixed order. Datasets within
+`data.cache_max_mib` are read on the driver with pyarrow, with the same batch functions, and
+handed over as in-memory Ray Datasets (`table_dataset`): epochs then skip the shards.
+
+Worker (`worker_loop`), per epoch: seed, train (DDP from `prepare_model`: gloo on CPU, nccl
+on GPU; a GradScaler for fp16 autocast; optional gradient clipping), validate on the
+unwrapped model, step the StepLR scheduler, then `ray.train.report(metrics, checkpoint)`:
+every epoch and always with a checkpoint, so `Result.metrics` is never None.
+
+Batch size and learning rate: `batch_size` is global; a worker takes batch_size / num_workers
+rows per step and DDP averages the gradients, so a step's gradient is the global batch's and
+the learning rate is used as configured for any number of workers.
+
+Checkpoints (`<run>/ray/<stage>/epoch-NNNN/`): rank 0 writes `state.pt` (model, optimizer,
+scheduler, grad scaler, epoch, global batch counter, the stage's own state such as the
+fidelity schedule); each rank writes `rng-rank<r>.pt` (torch, CUDA, numpy, python RNG states);
+Ray merges them. The unit of resumption is the epoch: a restarted worker group (a worker died;
+up to run.max_failures times) or a rerun with the same run.name and run.storage continues
+after the last reported epoch (Train V2 finds the run's checkpoints by name in its storage).
+
+Determinism: the model is built from run.seed on every rank (the same initial weights in every
+run); each epoch starts from seeds derived from (run.seed, epoch, rank); row order is fixed
+(preserve_order; the shuffle buffer is seeded with run.seed + epoch); random choices inside a
+TAL loss are seeded per video (`batches.video_seed`), whatever worker or batch the video lands
+in; run.deterministic turns on torch.use_deterministic_algorithms (warn_only). So a resumed run
+replays an uninterrupted one on the same number of workers. Across worker counts the results
+agree (to float rounding) when each step's global batch holds the same videos, as with one
+step per epoch or no shuffling: which rows a worker gets from Ray Data's split is not fixed.
+Kernels without a deterministic version still vary on CUDA (G-TAD's sparse ops; warn_only
+warns). The RNG states are saved as well, as a record and for code that draws outside the
+epoch seeds.
+
+Tracking: the stage's MLflow run is opened on the driver and workers never talk to MLflow.
+After `fit` the driver logs each epoch's metrics from `Result.metrics_dataframe` (one row per
+reported checkpoint: each finished epoch once, also after restarts), then the artifacts.
+The rank-0 worker prints one progress line per epoch.
+
+Layout: `worker.py` (the loop, checkpoints, numerics), `driver.py` (the trainer, datasets,
+results, tracking, summaries).
+
+Test hook: with LOFI_TEST_PAUSE="<epoch>:<pid file>" in the driver's environment, the rank-0
+worker, at the start of that epoch and only while the file does not exist, writes its PID
+there and sleeps (up to 120 s) so that a test can kill it.
+"""
+
+from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, fit, fits_in_memory, log_training, numeric,
+                                      stage_tracker, summary_lines, table_dataset)
+from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, all_reduce, build_optimizer,
+                                      peak_memory_bytes, progress_line, rng_state, say, seed_epoch, set_rng_state,
+                                      worker_loop)
+
+__all__ = [
+    "PAUSE_ENV", "STATE_FILE", "StageLoop", "StepOutput", "WorkerContext", "all_reduce", "build_optimizer",
+    "epoch_history", "final_state", "fit", "fits_in_memory", "log_training", "numeric", "peak_memory_bytes",
+    "progress_line", "rng_state", "say", "seed_epoch", "set_rng_state", "stage_tracker", "summary_lines",
+    "table_dataset", "worker_loop",
+]

@@ -1,0 +1,147 @@
+"""The driver side of the training harness: the TorchTrainer, datasets, results, tracking (see pipelines.trainer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lofi.config import to_dict
+from lofi.errors import LofiError
+from pipelines.config import PipelineConfig
+from pipelines.trainer.worker import STATE_FILE
+
+PAUSE_ENV = "LOFI_TEST_PAUSE"
+
+
+def _ingest_config():
+    """Equal splits for training datasets, unequal (no row dropped) for validation; fixed order."""
+    from ray.train import DataConfig
+
+    class IngestConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.set_name(name.replace("/", "_"))
+                options = self.default_ingest_options()
+                options.preserve_order = True
+                ds.context.execution_options = options
+                for i, split in enumerate(ds.streaming_split(world_size, equal=name.startswith("train"))):
+                    output[i][name] = split
+            return output
+
+    return IngestConfig()
+
+
+def fits_in_memory(cfg: PipelineConfig, num_bytes: float) -> bool:
+    """Whether a dataset of num_bytes (decoded) is small enough to be read on the driver (data.cache_max_mib)."""
+    return num_bytes <= cfg.data.cache_max_mib * 2**20
+
+
+def table_dataset(table: Any) -> Any:
+    """An Arrow table read on the driver as a Ray Dataset: put in the object store once, so
+    epochs (and a restarted worker group) read no shard and decode nothing again."""
+    import ray.data
+
+    return ray.data.from_arrow(table)
+
+
+def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+        datasets: dict[str, Any]) -> Any:
+    """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    if not is_v2_enabled():
+        raise LofiError("lofi needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), **loop_config}
+    trainer = TorchTrainer(
+        loop, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=stage, storage_path=cfg.run.ray_storage(),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        user = _worker_user_error(err)
+        if user is not None:
+            raise user from err
+        raise
+
+
+def _worker_user_error(err: Exception) -> LofiError | None:
+    """A LofiError a worker raised (config or data problem), to be shown as one clear line."""
+    for rank, exc in sorted((getattr(err, "worker_failures", None) or {}).items()):
+        for candidate in (getattr(exc, "cause", None), exc):
+            if isinstance(candidate, LofiError):
+                message = str(candidate.args[0]) if candidate.args else str(candidate)
+                return LofiError(f"training worker {rank}: {message}")
+    return None
+
+
+def epoch_history(result: Any) -> list[dict[str, Any]]:
+    """Each finished epoch's metrics, in epoch order (NaN cells of the dataframe dropped)."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return [dict(result.metrics)] if result.metrics else []
+    rows = [{k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}
+            for row in frame.to_dict("records")]
+    return sorted(rows, key=lambda row: row["epoch"])
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+
+
+def final_state(result: Any) -> dict[str, Any]:
+    """state.pt of the run's last checkpoint (model, optimizer, epoch, ...), on the CPU."""
+    if result.checkpoint is None:
+        raise LofiError(f"training reported no checkpoint; see the Ray Train logs under {result.path}")
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def log_training(tracker: Any, history: list[dict[str, Any]]) -> None:
+    """Per-epoch metrics (step = epoch) and, where pipelines.plots is there, the training curves."""
+    for row in history:
+        tracker.log_metrics(numeric(row), step=int(row["epoch"]))
+    try:
+        from pipelines.plots import training_curves
+    except ImportError:
+        return
+    curves: dict[str, list[float]] = {}
+    for row in history:
+        for key, value in numeric(row).items():
+            if key.startswith(("loss_", "val_")) and not key.endswith("seconds"):
+                curves.setdefault(key, []).append(value)
+    if curves:
+        tracker.log_figure(training_curves(curves), "training_curves.png")
+
+
+def stage_tracker(cfg: PipelineConfig, stage: str, parent_run_id: str | None) -> Any:
+    from pipelines.tracking import Tracker
+
+    return Tracker.start(cfg.tracking, f"{cfg.run.name}/{stage}", parent_run_id=parent_run_id, tags={"stage": stage})
+
+
+def summary_lines(cfg: PipelineConfig, stage: str, seconds: float, epochs: int, metrics: dict[str, float],
+                  artifacts: dict[str, str], run_id: str | None) -> list[str]:
+    keys = [k for k in ("loss_total", "val_loss_total", "val_accuracy", "val_average_mAP") if k in metrics]
+    final = [f"{k} {metrics[k]:.4g}" for k in keys]
+    if "activation_memory_bytes" in metrics:
+        final.append(f"activation memory {metrics['activation_memory_bytes'] / 2**20:.1f} MiB per step")
+    lines = [f"lofi {stage.replace('_', '-')}: {epochs} epochs in {seconds:.1f} s; final " + ", ".join(final)]
+    lines += [f"  wrote {name}: {path}" for name, path in artifacts.items()]
+    lines.append(f"  checkpoints (a rerun with run.name={cfg.run.name} resumes): {cfg.run.ray_storage()}/{stage}")
+    if run_id:
+        lines.append(f"  MLflow run {run_id}")
+    return lines

@@ -1,0 +1,296 @@
+"""The worker side of the training harness: the per-epoch loop every stage runs (see pipelines.trainer)."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lofi.config import from_dict
+from lofi.errors import LofiError
+from pipelines.config import OptimSection, PipelineConfig
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class WorkerContext:
+    cfg: PipelineConfig
+    optim: OptimSection  # the stage's section (cfg.pretrain, cfg.train or cfg.train_head)
+    rank: int
+    world_size: int
+    device: torch.device
+    config: dict[str, Any]  # the loop config: stage-specific plain data from the driver
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.optim.per_worker_batch(self.world_size)
+
+    def batches(self, name: str, epoch: int, train: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's split of dataset `name` as torch batches (train: shuffled, full batches only)."""
+        import ray.train
+
+        kwargs: dict[str, Any] = {"batch_size": self.per_worker_batch, "drop_last": train}
+        if train and self.optim.shuffle_buffer_rows > 0:
+            kwargs.update(local_shuffle_buffer_size=self.optim.shuffle_buffer_rows,
+                          local_shuffle_seed=self.cfg.run.seed + epoch)
+        return ray.train.get_dataset_shard(name).iter_torch_batches(**kwargs)
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]  # means over this worker's batch; "total" is backpropagated
+    num_samples: int  # videos or clips in this worker's batch
+    num_frames: int
+    level: str = ""  # the fidelity level of the batch, when there is one
+
+
+class StageLoop(Protocol):
+    name: str  # "pretrain", "train", "train_head"
+    samples: str  # what a sample is, for the throughput metric name: "videos" or "clips"
+
+    def build_model(self, ctx: WorkerContext) -> nn.Module: ...
+    def param_groups(self, model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]: ...
+    def epoch_batches(self, ctx: WorkerContext, epoch: int, global_batch: int) -> Iterator[Any]: ...
+    def step(self, ctx: WorkerContext, model: nn.Module, batch: Any, epoch: int) -> StepOutput: ...
+    def validate(self, ctx: WorkerContext, model: nn.Module, epoch: int) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class _Parts:
+    model: nn.Module  # as trained (DDP-wrapped with several workers)
+    module: nn.Module  # unwrapped: checkpoints and validation
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    global_batch: int = 0
+    rng: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def make_context(config: dict[str, Any]) -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(PipelineConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    return WorkerContext(cfg, getattr(cfg, config["section"]), ctx.get_world_rank(), ctx.get_world_size(),
+                         device[0] if isinstance(device, list) else device, config)
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _setup(stage: StageLoop, ctx: WorkerContext) -> _Parts:
+    """Model (restored from the latest checkpoint, if any), DDP, optimizer, scheduler, scaler."""
+    import ray.train
+    import ray.train.torch
+
+    if ctx.cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    seed_epoch(ctx.cfg.run.seed, -1, 0)  # the same initial weights on every rank and in every run
+    module = stage.build_model(ctx)
+    saved, rng = _read_checkpoint(ray.train.get_checkpoint(), ctx.rank)
+    if saved:
+        module.load_state_dict(saved["model"])
+        stage.load_state_dict(saved["stage"])
+    model = ray.train.torch.prepare_model(module)
+    optimizer = build_optimizer(stage.param_groups(module, ctx.optim), ctx.optim)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, ctx.optim.lr_step_epochs, ctx.optim.lr_gamma)
+    fp16 = ctx.cfg.encoder.amp_dtype == "fp16" and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
+    parts = _Parts(model, module, optimizer, scheduler, scaler, rng=rng)
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        parts.start_epoch, parts.global_batch = saved["epoch"] + 1, saved["global_batch"]
+    return parts
+
+
+def worker_loop(stage: StageLoop, config: dict[str, Any]) -> None:
+    """The per-worker training function of every stage (see the module docstring)."""
+    ctx = make_context(config)
+    parts = _setup(stage, ctx)
+    if parts.rng is not None:
+        set_rng_state(parts.rng)
+    if parts.start_epoch >= ctx.optim.epochs and ctx.rank == 0:
+        say(f"lofi {stage.name.replace('_', '-')}: all {ctx.optim.epochs} epochs are done (checkpoint found); "
+            "nothing to train")
+    for epoch in range(parts.start_epoch, ctx.optim.epochs):
+        seed_epoch(ctx.cfg.run.seed, epoch, ctx.rank)
+        _pause_hook(ctx, epoch)
+        metrics = _train_epoch(stage, ctx, parts, epoch)
+        parts.module.eval()
+        started = time.perf_counter()
+        with torch.no_grad():
+            metrics.update(stage.validate(ctx, parts.module, epoch))
+        metrics["val_seconds"] = time.perf_counter() - started
+        parts.scheduler.step()
+        if ctx.rank == 0:
+            say(progress_line(stage, ctx.optim.epochs, metrics))
+        _report(stage, ctx, parts, epoch, metrics)
+
+
+def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int) -> dict[str, Any]:
+    parts.model.train()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    sums: dict[str, float] = {}
+    counts = {"samples": 0.0, "frames": 0.0}
+    levels: list[str] = []
+    started = time.perf_counter()
+    for batch in stage.epoch_batches(ctx, epoch, parts.global_batch):
+        out = stage.step(ctx, parts.model, batch, epoch)
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(out.losses["total"]).backward()
+        if ctx.optim.grad_clip_norm > 0:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.module.parameters(), ctx.optim.grad_clip_norm)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.global_batch += 1
+        for key, value in out.losses.items():
+            sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + float(value.detach()) * out.num_samples
+        counts["samples"] += out.num_samples
+        counts["frames"] += out.num_frames
+        if out.level and out.level not in levels:
+            levels.append(out.level)
+    seconds = time.perf_counter() - started
+    totals = all_reduce({**sums, **counts}, ctx.device)
+    if totals["samples"] == 0:
+        raise LofiError(f"lofi {stage.name}: epoch {epoch} had no training step: fewer training rows than "
+                        f"{stage.name}.batch_size={ctx.optim.batch_size} (rows per worker are equalised); lower "
+                        f"--set {stage.name}.batch_size or add training videos")
+    peaks = all_reduce({"seconds": seconds, "peak_memory_bytes": peak_memory_bytes(ctx.device)}, ctx.device, "max")
+    metrics: dict[str, Any] = {"epoch": epoch, "global_batch": parts.global_batch}
+    metrics.update({key: totals[key] / totals["samples"] for key in sums})
+    metrics[f"{stage.samples}_per_sec"] = totals["samples"] / peaks["seconds"]
+    if totals["frames"]:  # train-head's samples are features, not frames
+        metrics["frames_per_sec"] = totals["frames"] / peaks["seconds"]
+    metrics.update(train_seconds=peaks["seconds"], peak_memory_bytes=peaks["peak_memory_bytes"])
+    for i, group in enumerate(parts.optimizer.param_groups):
+        metrics["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
+    if levels:
+        metrics["level"] = "+".join(levels)
+    return metrics
+
+
+def _pause_hook(ctx: WorkerContext, epoch: int) -> None:
+    hook = ctx.config.get("pause")
+    if not hook or ctx.rank != 0:
+        return
+    at, _, pid_file = hook.partition(":")
+    if int(at) == epoch and not Path(pid_file).exists():
+        Path(pid_file).write_text(str(os.getpid()))
+        time.sleep(120)
+
+
+def _read_checkpoint(checkpoint: Any, rank: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(rank 0's state.pt, this rank's RNG states) of a Ray checkpoint; (None, None) without one."""
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        rng_path = Path(folder) / f"rng-rank{rank}.pt"
+        rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
+    return state, rng
+
+
+def _report(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int, metrics: dict[str, Any]) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        if ctx.rank == 0:
+            torch.save({"model": parts.module.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+                        "epoch": epoch, "global_batch": parts.global_batch, "stage": stage.state_dict()},
+                       Path(folder) / STATE_FILE)
+        torch.save(rng_state(), Path(folder) / f"rng-rank{ctx.rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+
+def say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray shows it on the driver). Not print():
+    Train V2 patches print to log each line as well, which the driver then shows twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:
+    parts = [f"lofi {stage.name.replace('_', '-')}: epoch {m['epoch'] + 1}/{epochs}"]
+    if m.get("level"):
+        parts.append(f"level {m['level']}")
+    parts.append(f"loss {m['loss_total']:.4f}")
+    others = [f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss_") and k != "loss_total"]
+    if others:
+        parts[-1] += f" ({', '.join(others)})"
+    parts += [f"{k} {m[k]:.4f}" for k in ("val_loss_total", "val_accuracy", "val_average_mAP") if k in m]
+    parts += [f"lr {m['lr']:.3g}", f"{m[f'{stage.samples}_per_sec']:.2f} {stage.samples}/s"]
+    return " | ".join(parts)
+
+
+# --- numerics shared by the stages -----------------------------------------------------------
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    value = (seed * 1_000_003 + epoch) * 1009 + rank
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+def all_reduce(values: dict[str, float], device: torch.device, op: str = "sum") -> dict[str, float]:
+    """Sum (or max) each value over the workers; every worker must pass the same keys."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """CUDA: this epoch's torch.cuda.max_memory_allocated; CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state in types torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
