@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lofi.eval_cli", "score detections (mAP at tIoU thresholds) or proposals (AR@AN)"),
     "plan-memory": ("lofi.memory_cli", "activation memory per fidelity level and what fits a GPU budget"),
     "prepare": ("pipelines.prepare", "decode videos with Ray Data into Arrow shards at fidelity levels"),
+    "pretrain": ("pipelines.pretrain", "stage 1: train the encoder as a clip classifier on trimmed clips (Ray Train)"),
+    "train": ("pipelines.train", "stage 2 (LoFi): train encoder + TAL head end to end at reduced fidelity (Ray Train)"),
+    "train-head": ("pipelines.train_head", "stage 3: train the TAL head on extracted features (Ray Train)"),
+    "extract": ("pipelines.extract", "run the frozen encoder over every video (Ray Data batch inference) into feature shards"),
+    "detect": ("pipelines.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
     "demo": ("pipelines.demo", "the main job: generate the demo dataset and run the pipeline on it"),
 }
 

@@ -137,3 +137,9 @@ def test_a_section_given_in_part_keeps_its_own_defaults(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("pretrain:\n  name: adamw\n")
     assert load_config(Stages, path).pretrain == Optim(lr=0.01, epochs=5, name="adamw")
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    assert load_config(Run, None, ["optim.lr=1e-3"]).optim.lr == 0.001
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Run, None, ["optim.lr=fast"])

@@ -1,0 +1,188 @@
+"""`lofi detect`: the trained head on the validation features -> ActivityNet predictions -> mAP.
+
+Steps: the head (`head` config section, weights from `<run>/head/model.pt`) runs on the
+features of `data.val_subset` (`<run>/features/`, written by `lofi extract`);
+`lofi.heads.common.decode_detections` turns its maps into scored (segment, class) candidates;
+class-aware Gaussian Soft-NMS (`detect.soft_nms_sigma`) keeps the best `detect.top_k` per
+video (lofi/postprocess.py); the result is `<run>/detect/predictions.json` in ActivityNet
+format. It is then scored with lofi.evaluation against the ground truth (`data.annotations`,
+else the annotation file the shards were prepared from) at the `detect.protocol` thresholds,
+and the score is written as `<run>/detect/eval.json`: the object `lofi eval --json` prints,
+so `lofi eval --ground-truth GT --predictions <run>/detect/predictions.json` rescores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lofi.config import add_config_arguments, config_from_args
+from lofi.errors import LofiError, cli_errors
+from pipelines.config import PipelineConfig, StageResult
+from pipelines.features import features_array, read_features, read_features_manifest
+
+_BATCH_VIDEOS = 16  # videos per head forward: the (B, D, T) maps stay small on any device
+_TIMELINE_VIDEOS = 3  # detection timelines logged to MLflow
+
+
+def detect_dir(cfg: PipelineConfig) -> Path:
+    return cfg.run.stage_dir("detect")
+
+
+def head_path(cfg: PipelineConfig) -> Path:
+    return cfg.run.dir() / "head" / "model.pt"
+
+
+def load_head(cfg: PipelineConfig, feature_dim: int, num_snippets: int, num_classes: int):
+    """The configured head with the weights `lofi train-head` saved."""
+    import torch
+
+    from lofi.heads import build_head
+
+    path = head_path(cfg)
+    if not path.is_file():
+        raise LofiError(f"{path} does not exist: run `lofi train-head` with the same run.name and run.storage first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "head"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    head = build_head(cfg.head, feature_dim, num_snippets, num_classes)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as err:
+        raise LofiError(f"{path} does not fit head {cfg.head.name} (D={feature_dim}, T={num_snippets}, "
+                        f"K={num_classes}): {str(err).splitlines()[0]}; use the head section the head was trained "
+                        "with") from None
+    return head.eval()
+
+
+def predict(head, table, labels: list[str], cfg: PipelineConfig) -> dict[str, list[dict[str, Any]]]:
+    """{video_id: ActivityNet entries} for the videos of `table` (best first, Soft-NMS applied)."""
+    import torch
+
+    from lofi.heads.common import decode_detections
+    from lofi.postprocess import postprocess_detections
+
+    feats = features_array(table)  # (N, T, D)
+    ids = table.column("video_id").to_pylist()
+    durations = table.column("duration_sec").to_pylist()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for lo in range(0, len(ids), _BATCH_VIDEOS):
+        batch = torch.from_numpy(feats[lo:lo + _BATCH_VIDEOS].copy()).transpose(1, 2)  # (B, T, D) -> (B, D, T)
+        with torch.inference_mode():
+            out = head(batch)
+        detections = decode_detections(out, durations[lo:lo + _BATCH_VIDEOS], cfg.head.top_k_classes)
+        results.update(postprocess_detections(
+            detections, ids[lo:lo + _BATCH_VIDEOS], labels, durations[lo:lo + _BATCH_VIDEOS], method="soft_nms",
+            class_aware=True, top_k=cfg.detect.top_k, sigma=cfg.detect.soft_nms_sigma))
+    return results
+
+
+def ground_truth_path(cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
+    path = cfg.data.annotations or manifest.get("annotations") or ""
+    if not path or not Path(path).is_file():
+        raise LofiError(f"ground truth {path or '(none)'} not found: set data.annotations to the annotation file")
+    return path
+
+
+def evaluate(cfg: PipelineConfig, gt: str, predictions: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    from lofi.annotations_cli import quiet_annotation_log
+    from lofi.evaluation import EvalConfig, run_eval
+
+    with quiet_annotation_log():
+        return run_eval(EvalConfig(ground_truth=gt, predictions=str(predictions), subset=cfg.data.val_subset,
+                                   protocol=cfg.detect.protocol))
+
+
+def _log_timelines(tracker, table, results: dict[str, list[dict[str, Any]]]) -> None:
+    """Ground truth vs the top predictions of a few validation videos, as figures in MLflow."""
+    try:
+        from pipelines import plots
+    except ImportError:
+        return
+    for row in table.select(["video_id", "duration_sec", "segment_start_sec", "segment_end_sec",
+                             "segment_label"]).to_pylist()[:_TIMELINE_VIDEOS]:
+        gt = list(zip(row["segment_start_sec"], row["segment_end_sec"], row["segment_label"]))
+        preds = [(e["segment"][0], e["segment"][1], e.get("label", ""), e["score"]) for e in results[row["video_id"]]]
+        fig = plots.detection_timeline(row["video_id"], row["duration_sec"], gt, preds)
+        tracker.log_figure(fig, f"timelines/{row['video_id']}.png")
+
+
+def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = True) -> StageResult:
+    """Write `<run>/detect/predictions.json` and `<run>/detect/eval.json`; return the mAP figures."""
+    from pipelines.tracking import Tracker
+
+    start = time.perf_counter()
+    fdir = cfg.run.dir() / "features"
+    manifest = read_features_manifest(fdir)
+    if not manifest["fixed_grid"]:
+        raise LofiError(f"{fdir}: features of level {manifest['level']!r} have a different T per video (a fixed-stride "
+                        "level); the heads need one grid: extract from a level with num_snippets")
+    gt = ground_truth_path(cfg, manifest)
+    table = read_features(fdir, cfg.data.val_subset)
+    head = load_head(cfg, manifest["feature_dim"], manifest["num_snippets"], len(manifest["labels"]))
+    out_dir = detect_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Tracker.start(cfg.tracking, f"{cfg.run.name}/detect", parent_run_id=parent_run_id,
+                       tags={"stage": "detect"}) as tracker:
+        tracker.log_config(cfg)
+        results = predict(head, table, manifest["labels"], cfg)
+        predictions_path = out_dir / "predictions.json"
+        external = {"used": False, "details": f"features of {manifest['level']} from {manifest['encoder']['checkpoint']}"}
+        predictions_path.write_text(json.dumps({"version": "VERSION 1.3", "external_data": external, "results": results}))
+        result, warnings = evaluate(cfg, gt, predictions_path)
+        eval_path = out_dir / "eval.json"
+        eval_path.write_text(json.dumps(result))
+        seconds = time.perf_counter() - start
+        metrics = {"average_mAP": result["average_mAP"], "seconds": seconds, "videos": float(table.num_rows),
+                   **{f"mAP_tIoU_{t:.2f}": m for t, m in zip(result["tiou_thresholds"], result["mAP"])}}
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(str(predictions_path))
+        tracker.log_artifact(str(eval_path))
+        _log_timelines(tracker, table, results)
+        run_id = tracker.run_id
+    for line in warnings:
+        print(f"lofi detect: warning: {line}", file=sys.stderr)
+    if verbose:
+        print("\n".join(summary_lines(result, results, predictions_path, eval_path, seconds)), flush=True)
+    return StageResult(stage="detect", out_dir=str(out_dir), metrics=metrics, seconds=seconds, mlflow_run_id=run_id,
+                       artifacts={"predictions": str(predictions_path), "eval": str(eval_path)})
+
+
+def summary_lines(result: dict[str, Any], results: dict[str, list], predictions: Path, eval_path: Path,
+                  seconds: float) -> list[str]:
+    mAPs = "  ".join(f"{t:.2f}: {100 * m:.2f}%" for t, m in zip(result["tiou_thresholds"], result["mAP"]))
+    return [f"lofi detect: {len(results)} {result['subset']} videos, {sum(map(len, results.values()))} detections, "
+            f"average mAP {100 * result['average_mAP']:.2f}% ({seconds:.1f} s)",
+            f"  mAP at tIoU  {mAPs}",
+            f"  wrote {predictions} and {eval_path}"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lofi detect",
+        description="Run the head trained by `lofi train-head` (<run>/head/model.pt) on the features of the "
+                    "validation subset (<run>/features/), decode detections, apply class-aware Soft-NMS, keep the "
+                    "top detect.top_k per video and write <run>/detect/predictions.json (ActivityNet format); then "
+                    "score them (mAP at the detect.protocol tIoU thresholds) into <run>/detect/eval.json, the "
+                    "format of `lofi eval --json`. Exits 2 on a config or input error.",
+        epilog="Config keys used (YAML or --set): run.name, run.storage, data.val_subset, data.annotations (ground "
+               "truth; empty: the file the shards were prepared from), head.* (must match the trained head), "
+               "detect.soft_nms_sigma, detect.top_k, detect.protocol (anet: tIoU 0.50:0.05:0.95, thumos: "
+               "0.3:0.1:0.7), tracking.*. See deploy/configs/pipeline/demo.yaml.")
+    add_config_arguments(parser)
+    return parser
+
+
+@cli_errors("detect")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(config_from_args(PipelineConfig, args))
+    return 0

@@ -1,0 +1,126 @@
+"""`lofi detect`: a head over feature shards -> ActivityNet predictions (Soft-NMS, top-k) -> eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lofi.annotations import load_predictions
+from lofi.config import from_dict
+from lofi.heads import build_head
+from lofi.heads.common import decode_detections
+from pipelines.cli import main as lofi_main
+from pipelines.config import PipelineConfig
+from pipelines.detect import run
+from pipelines.features import FeatureWriter
+
+LABELS = ["jump", "run", "swim"]
+T, D, TOP_K, SIGMA = 16, 8, 7, 0.5
+HEAD = {"name": "bmn", "hidden": 16, "num_sample": 4, "num_sample_perbin": 1, "max_duration": 8}
+# validation videos: (id, duration_sec, [(start, end, label)]); one training video that detect must skip
+VIDEOS = [("v_a", 32.0, [(4.0, 12.0, "jump"), (20.0, 26.0, "run")]), ("v_b", 16.0, [(2.0, 9.0, "swim")]),
+          ("v_c", 48.0, [(10.0, 30.0, "run")])]
+TRAIN_VIDEO = ("v_train", 20.0, [(1.0, 5.0, "jump")])
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> tuple[PipelineConfig, Path]:
+    """A run folder holding features (random, fixed grid), a head (random init) and ground truth."""
+    rng = np.random.default_rng(0)
+    database = {}
+    writer = FeatureWriter(tmp_path / "runs" / "r" / "features", T, D)
+    for (vid, dur, segs), subset in [(v, "validation") for v in VIDEOS] + [(TRAIN_VIDEO, "training")]:
+        database[vid] = {"subset": subset, "duration": dur,
+                         "annotations": [{"segment": [s, e], "label": lab} for s, e, lab in segs]}
+        writer.add({"video_id": vid, "subset": subset, "duration_sec": dur, "num_snippets": T,
+                    "segment_start_sec": [s for s, _, _ in segs], "segment_end_sec": [e for _, e, _ in segs],
+                    "segment_label": [lab for _, _, lab in segs],
+                    "segment_label_id": [LABELS.index(lab) for _, _, lab in segs]},
+                   rng.standard_normal((T, D)).astype(np.float32))
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"version": "VERSION 1.3", "database": database}))
+    writer.commit({"level": "full", "fixed_grid": True, "labels": LABELS, "annotations": str(gt),
+                   "encoder": {"checkpoint": "enc.pt"}})
+    cfg = from_dict(PipelineConfig, {"run": {"name": "r", "storage": str(tmp_path / "runs")}, "head": HEAD,
+                                     "detect": {"top_k": TOP_K, "soft_nms_sigma": SIGMA},
+                                     "tracking": {"enabled": False}})
+    torch.manual_seed(0)
+    head = build_head(cfg.head, D, T, len(LABELS))
+    (tmp_path / "runs" / "r" / "head").mkdir()
+    torch.save(head.state_dict(), tmp_path / "runs" / "r" / "head" / "model.pt")
+    return cfg, gt
+
+
+def reference_soft_nms(segments: np.ndarray, scores: np.ndarray, labels: np.ndarray, top_k: int, sigma: float):
+    """Class-aware Gaussian Soft-NMS written out plainly, one pick at a time."""
+    scores, alive, kept = scores.astype(float).copy(), list(range(len(scores))), []
+    while alive and len(kept) < top_k:
+        best = max(alive, key=lambda i: (scores[i], -i))
+        kept.append((best, scores[best]))
+        alive.remove(best)
+        for i in alive:
+            if labels[i] != labels[best]:
+                continue
+            inter = max(0.0, min(segments[i, 1], segments[best, 1]) - max(segments[i, 0], segments[best, 0]))
+            union = (segments[i, 1] - segments[i, 0]) + (segments[best, 1] - segments[best, 0]) - inter
+            iou = inter / union if union > 0 else 0.0
+            if iou > 0:
+                scores[i] *= np.exp(-iou * iou / sigma)
+    return kept
+
+
+def test_predictions_are_activitynet_json_with_top_k_after_soft_nms(run_dir):
+    cfg, _ = run_dir
+    result = run(cfg, verbose=False)
+    payload = json.loads(Path(result.artifacts["predictions"]).read_text())
+    assert payload["version"] == "VERSION 1.3" and set(payload) == {"version", "external_data", "results"}
+    assert sorted(payload["results"]) == sorted(v[0] for v in VIDEOS)  # the validation subset only
+    det = load_predictions(result.artifacts["predictions"])  # the reader the evaluator uses accepts it
+    assert set(det.label) <= set(LABELS)
+    # the head's raw candidates, decoded independently of the stage, then Soft-NMS'd by the reference above
+    from pipelines.features import read_features, video_features
+
+    feats = video_features(read_features(cfg.run.dir() / "features", "validation"))
+    head = build_head(cfg.head, D, T, len(LABELS))
+    head.load_state_dict(torch.load(cfg.run.dir() / "head" / "model.pt"))
+    head.eval()
+    for vid, dur, _ in VIDEOS:
+        entries = payload["results"][vid]
+        assert len(entries) == TOP_K  # far more candidates than TOP_K: exactly top_k kept
+        assert all(0.0 <= e["segment"][0] <= e["segment"][1] <= dur for e in entries)
+        with torch.no_grad():
+            out = head(torch.tensor(feats[vid]).T[None])  # (T, D) -> (1, D, T)
+        raw = decode_detections(out, [dur], cfg.head.top_k_classes)[0]
+        kept = reference_soft_nms(raw["segments_sec"], raw["scores"], raw["label_ids"], TOP_K, SIGMA)
+        assert [e["label"] for e in entries] == [LABELS[raw["label_ids"][i]] for i, _ in kept]
+        np.testing.assert_allclose([e["score"] for e in entries], [s for _, s in kept], rtol=1e-5)  # float32: batch of 3 vs 1
+        np.testing.assert_allclose([e["segment"] for e in entries], np.clip(raw["segments_sec"][[i for i, _ in kept]], 0, dur))
+        # Soft-NMS changed something: plain top-k by raw score would keep other scores
+        assert not np.allclose([e["score"] for e in entries], np.sort(raw["scores"])[::-1][:TOP_K])
+
+
+def test_eval_json_is_what_lofi_eval_prints_for_the_predictions(run_dir, capsys):
+    cfg, gt = run_dir
+    result = run(cfg, verbose=False)
+    saved = json.loads(Path(result.artifacts["eval"]).read_text())
+    capsys.readouterr()
+    assert lofi_main(["eval", "--ground-truth", str(gt), "--predictions", result.artifacts["predictions"],
+                      "--subset", "validation", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == saved
+    assert saved["tiou_thresholds"] == pytest.approx([0.5 + 0.05 * i for i in range(10)])
+    assert len(saved["mAP"]) == 10 and 0.0 <= saved["average_mAP"] <= 1.0
+    assert saved["num_videos"] == 3 and saved["num_ground_truth"] == 4
+    assert result.metrics["average_mAP"] == saved["average_mAP"]
+
+
+def test_missing_head_is_one_clear_error(run_dir, capsys):
+    cfg, _ = run_dir
+    (cfg.run.dir() / "head" / "model.pt").unlink()
+    argv = ["detect", "--set", f"run.storage={cfg.run.storage}", "--set", "run.name=r", "--set", "tracking.enabled=false"]
+    assert lofi_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "head/model.pt does not exist: run `lofi train-head`" in err and "Traceback" not in err
