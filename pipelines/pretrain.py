@@ -42,8 +42,8 @@ from pipelines import shards
 from pipelines.batches import CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, tensor_column
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, fit, fits_in_memory,
-                               log_training, numeric, stage_tracker, summary_lines, table_dataset, worker_loop)
+from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
+                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
 
 STAGE = "pretrain"
 
@@ -174,11 +174,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         for path in artifacts.values():
             tracker.log_artifact(path)
         run_id = tracker.run_id
-    metrics = numeric(history[-1]) if history else {}
-    seconds = time.perf_counter() - start
-    print("\n".join(summary_lines(cfg, STAGE, seconds, len(history), metrics, artifacts, run_id)), flush=True)
-    return StageResult(stage=STAGE, out_dir=str(out_dir), metrics=metrics, seconds=seconds, mlflow_run_id=run_id,
-                       artifacts=artifacts)
+    return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,8 +49,8 @@ from pipelines.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index,
                                read_video_labels, tal_batch_loss, tensor_column, video_seed)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, fit, fits_in_memory,
-                               log_training, numeric, stage_tracker, summary_lines, table_dataset, worker_loop)
+from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
+                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
 
 STAGE = "train"
 LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
@@ -336,11 +336,8 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
             tracker.log_artifact(path)
         _log_encoder(tracker, cfg, artifacts["encoder"], levels)
         run_id = tracker.run_id
-    metrics = (numeric(history[-1]) if history else {}) | {"activation_memory_bytes": float(memory)}
-    seconds = time.perf_counter() - start
-    print("\n".join(summary_lines(cfg, STAGE, seconds, len(history), metrics, artifacts, run_id)), flush=True)
-    return StageResult(stage=STAGE, out_dir=str(cfg.run.stage_dir(STAGE)), metrics=metrics, seconds=seconds,
-                       mlflow_run_id=run_id, artifacts=artifacts)
+    return finish_stage(cfg, STAGE, start, history, artifacts, cfg.run.stage_dir(STAGE), run_id,
+                        {"activation_memory_bytes": float(memory)})
 
 
 def build_parser() -> argparse.ArgumentParser:

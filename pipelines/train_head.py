@@ -40,8 +40,8 @@ from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.extract import features_dir
 from pipelines.features import feature_files, features_dataset, read_features, read_features_manifest
-from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, fit, fits_in_memory,
-                               log_training, numeric, stage_tracker, summary_lines, table_dataset, worker_loop)
+from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
+                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
 
 STAGE = "train_head"
 LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
@@ -213,11 +213,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         for path in artifacts.values():
             tracker.log_artifact(path)
         run_id = tracker.run_id
-    metrics = numeric(history[-1]) if history else {}
-    seconds = time.perf_counter() - start
-    print("\n".join(summary_lines(cfg, STAGE, seconds, len(history), metrics, artifacts, run_id)), flush=True)
-    return StageResult(stage=STAGE, out_dir=str(out_dir), metrics=metrics, seconds=seconds, mlflow_run_id=run_id,
-                       artifacts=artifacts)
+    return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

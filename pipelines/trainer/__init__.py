@@ -53,13 +53,15 @@ worker, at the start of that epoch and only while the file does not exist, write
 there and sleeps (up to 120 s) so that a test can kill it.
 """
 
-from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, fit, fits_in_memory, log_training, numeric,
+from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, finish_stage, fit, fits_in_memory,
+                                      log_training, numeric,
                                       stage_tracker, summary_lines, table_dataset)
 from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, all_reduce, build_optimizer,
                                       peak_memory_bytes, progress_line, rng_state, say, seed_epoch, set_rng_state,
                                       worker_loop)
 
 __all__ = [
+    "finish_stage",
     "PAUSE_ENV", "STATE_FILE", "StageLoop", "StepOutput", "WorkerContext", "all_reduce", "build_optimizer",
     "epoch_history", "final_state", "fit", "fits_in_memory", "log_training", "numeric", "peak_memory_bytes",
     "progress_line", "rng_state", "say", "seed_epoch", "set_rng_state", "stage_tracker", "summary_lines",

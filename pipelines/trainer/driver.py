@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +12,7 @@ import torch
 
 from lofi.config import to_dict
 from lofi.errors import LofiError
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, StageResult
 from pipelines.trainer.worker import STATE_FILE
 
 PAUSE_ENV = "LOFI_TEST_PAUSE"
@@ -131,6 +132,17 @@ def stage_tracker(cfg: PipelineConfig, stage: str, parent_run_id: str | None) ->
     from pipelines.tracking import Tracker
 
     return Tracker.start(cfg.tracking, f"{cfg.run.name}/{stage}", parent_run_id=parent_run_id, tags={"stage": stage})
+
+
+def finish_stage(cfg: PipelineConfig, stage: str, start: float, history: list[dict[str, Any]],
+                 artifacts: dict[str, str], out_dir: Path, run_id: str | None,
+                 extra_metrics: dict[str, float] | None = None) -> StageResult:
+    """The end every training stage shares: final metrics, the printed summary, the result."""
+    metrics = (numeric(history[-1]) if history else {}) | (extra_metrics or {})
+    seconds = time.perf_counter() - start
+    print("\n".join(summary_lines(cfg, stage, seconds, len(history), metrics, artifacts, run_id)), flush=True)
+    return StageResult(stage=stage, out_dir=str(out_dir), metrics=metrics, seconds=seconds, mlflow_run_id=run_id,
+                       artifacts=artifacts)
 
 
 def summary_lines(cfg: PipelineConfig, stage: str, seconds: float, epochs: int, metrics: dict[str, float],
