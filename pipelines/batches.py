@@ -22,6 +22,8 @@ encoder takes.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -134,7 +136,14 @@ def frames_tensor(batch: Any) -> torch.Tensor:
         array = frames_array(batch)
     else:
         array = batch["frames"]
-    frames = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(array, torch.Tensor):
+        frames = array
+    else:
+        with warnings.catch_warnings():
+            # Ray hands out read-only arrays; the encoder only reads frames (it normalises into
+            # a new float tensor), so sharing the buffer is safe and saves a copy per batch.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            frames = torch.from_numpy(np.ascontiguousarray(array))
     if frames.dtype != torch.uint8 or frames.dim() != 6 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (B, T, F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
     return frames

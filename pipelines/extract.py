@@ -30,6 +30,7 @@ from lofi.errors import LofiError, cli_errors
 from pipelines import shards
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.batches import frames_tensor
 from pipelines.features import FeatureWriter, file_sha1
 
 _META = ("video_id", "subset", "duration_sec", "num_snippets", "num_chunks",
@@ -57,7 +58,7 @@ class EncoderActor:
         import torch
 
         # uint8 over the bus (4x fewer bytes than float); the encoder normalises on its device
-        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"])).to(self.device)  # (B, Tc, F, S, S, 3)
+        frames = frames_tensor(batch).to(self.device)  # (B, Tc, F, S, S, 3)
         with torch.inference_mode():
             feats = self.encoder(frames, chunk_snippets=self.chunk_snippets)  # (B, D, Tc)
         out = {k: batch[k] for k in _ROW_COLUMNS if k != "frames"}
