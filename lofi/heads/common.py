@@ -77,9 +77,12 @@ def valid_map_mask(num_snippets: int, max_duration: int, device: torch.device | 
     return (s + d) < num_snippets
 
 
-def _weighted_logistic(pred: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """BMN's weighted binary logistic: positives and negatives each weigh half the loss."""
-    num_pos, num_neg = pos.sum(), neg.sum()
+def _weighted_logistic(pred: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """BMN's weighted binary logistic: positives and negatives each weigh half the loss.
+
+    `smoothing` is added to both counts (G-TAD adds 10 to its IoU-map classification loss).
+    """
+    num_pos, num_neg = pos.sum() + smoothing, neg.sum() + smoothing
     num = num_pos + num_neg
     coef_pos = 0.5 * num / num_pos.clamp_min(1.0)
     coef_neg = 0.5 * num / num_neg.clamp_min(1.0)
@@ -101,6 +104,7 @@ def iou_map_losses(
     cls_pos_threshold: float = 0.9,
     reg_high: float = 0.7,
     reg_low: float = 0.3,
+    count_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cls, reg) losses of the (B, D, T) proposal maps, as BMN trains them.
 
@@ -113,7 +117,7 @@ def iou_map_losses(
     iou_cls, iou_reg, iou_target = iou_cls.float(), iou_reg.float(), iou_target.float()  # fp32 under autocast
     valid = valid_mask.to(iou_cls.dtype).expand_as(iou_cls)
     pos = (iou_target > cls_pos_threshold).to(iou_cls.dtype) * valid
-    cls = _weighted_logistic(iou_cls, pos, valid - pos)
+    cls = _weighted_logistic(iou_cls, pos, valid - pos, count_smoothing)
 
     high = (iou_target > reg_high).to(iou_reg.dtype) * valid
     medium = ((iou_target <= reg_high) & (iou_target > reg_low)).to(iou_reg.dtype) * valid
@@ -143,10 +147,12 @@ def tal_loss(
     cls_pos_threshold: float = 0.9,
     reg_high: float = 0.7,
     reg_low: float = 0.3,
+    count_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """BMN's total (boundary + iou_cls + 10 * iou_reg) plus class_weight x the class branch's loss.
 
-    `cls_weight` scales the IoU classification loss (1 in BMN; G-TAD's loss uses 10).
+    `cls_weight` scales the IoU classification loss (1 in BMN; G-TAD's loss uses 10) and
+    `count_smoothing` is added to its positive/negative counts (0 in BMN, 10 in G-TAD).
     """
     for name in ("start", "end", "iou_cls", "iou_reg", "class_logits"):
         want = {"iou_cls": "iou_map", "iou_reg": "iou_map", "class_logits": "classes"}.get(name, name)
@@ -161,7 +167,7 @@ def tal_loss(
     )
     valid = valid_map_mask(out.num_snippets, out.max_duration, device=out.iou_cls.device)
     iou_cls, iou_reg = iou_map_losses(
-        out.iou_cls, out.iou_reg, targets.iou_map, valid, cls_pos_threshold, reg_high, reg_low
+        out.iou_cls, out.iou_reg, targets.iou_map, valid, cls_pos_threshold, reg_high, reg_low, count_smoothing
     )
     classes = class_loss(out.class_logits, targets.classes)
     total = boundary + cls_weight * iou_cls + reg_weight * iou_reg + class_weight * classes

@@ -298,18 +298,6 @@ class GTAD(nn.Module):
         )
 
 
-def _smoothed_logistic(pred: Tensor, pos: Tensor, neg: Tensor, smoothing: float) -> Tensor:
-    """BMN's weighted logistic with `smoothing` added to both counts (G-TAD: 10, 'in case of nan')."""
-    # recomputed here rather than taken from tal_loss, whose iou_cls (BMN's, unsmoothed) is dropped
-    num_pos, num_neg = pos.sum() + smoothing, neg.sum() + smoothing
-    num = num_pos + num_neg
-    eps = 1e-6
-    loss_pos = 0.5 * num / num_pos * pos * torch.log(pred + eps)
-    loss_neg = 0.5 * num / num_neg * neg * torch.log(1.0 - pred + eps)
-    loss = loss_pos + loss_neg
-    return -loss.sum() / num
-
-
 def gtad_loss(
     out: HeadOutput,
     targets: TALTargets,
@@ -328,18 +316,11 @@ def gtad_loss(
     weight 1 on the IoU regression (L2) map and 10 on the classification (logistic) map,
     the reverse of BMN's 10 x regression. Keys as `tal_loss`: boundary, iou_cls, iou_reg,
     classes, total. The BMN pieces (node loss, balanced regression sampling, class loss)
-    are common.tal_loss's, which also checks the shapes.
+    are common.tal_loss's, which also checks the shapes; G-TAD adds 10 to the positive and
+    negative counts of the classification loss (official: "in case of nan").
     """
-    parts = tal_loss(
-        out, targets, reg_weight=reg_weight, class_weight=class_weight,
+    return tal_loss(
+        out, targets, reg_weight=reg_weight, class_weight=class_weight, cls_weight=cls_weight,
         boundary_pos_threshold=boundary_pos_threshold, cls_pos_threshold=cls_pos_threshold,
-        reg_high=reg_high, reg_low=reg_low,
+        reg_high=reg_high, reg_low=reg_low, count_smoothing=count_smoothing,
     )  # fmt: skip
-    valid = valid_map_mask(out.num_snippets, out.max_duration, device=out.iou_cls.device)
-    valid = valid.to(out.iou_cls.dtype)
-    pos = (targets.iou_map > cls_pos_threshold).to(out.iou_cls.dtype) * valid
-    iou_cls = _smoothed_logistic(out.iou_cls, pos, valid - pos, count_smoothing)
-    total = (
-        parts["boundary"] + reg_weight * parts["iou_reg"] + cls_weight * iou_cls + class_weight * parts["classes"]
-    )
-    return {**parts, "iou_cls": iou_cls, "total": total}
