@@ -306,7 +306,3 @@ def static_bytes(modules: Iterable[nn.Module], optimizer_states: int = 2) -> int
 
 def mib(num_bytes: float) -> float:
     return num_bytes / MIB
-
-
-def gib(num_bytes: float) -> float:
-    return num_bytes / GIB

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lofi.config import load_config
 from lofi.fidelity import FidelityScheduleConfig
 from lofi.heads import HeadConfig
 from lofi.models.encoders import EncoderConfig
@@ -147,7 +146,3 @@ class StageResult:
     seconds: float
     mlflow_run_id: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path (encoder.pt, predictions.json, ...)
-
-
-def load_pipeline_config(path: str | None, overrides=()) -> PipelineConfig:
-    return load_config(PipelineConfig, path, overrides)
