@@ -13,7 +13,8 @@ columns, so the ragged ground truth never travels with the frames:
 
 Stage 1 trains on clips instead of videos: `snippet_clips` (a `map_batches` function) cuts
 every snippet of a whole video (or chunk) row into a clip of F frames labelled with the class
-of the training segment its centre lies in (see its docstring for overlaps and background).
+of the segment its centre lies in (`snippet_labels`: overlaps, background, vocabularies). A
+trimmed clip (a Kinetics-style row: one segment over the whole file) prepared at T=1 is one clip.
 
 For extraction and tests, `frames_tensor` turns rows (a pyarrow table of a level, JPEG or
 uint8 storage, or a numpy/torch batch) into the uint8 `(B, T, F, H, W, C)` tensor every
@@ -162,18 +163,19 @@ def video_slice(data: HeadOutput | TALTargets, i: int) -> HeadOutput | TALTarget
     return type(data)(**{name: getattr(data, name)[i:i + 1] for name in data.__dataclass_fields__})
 
 
-def snippet_clips(batch: dict[str, np.ndarray], num_classes: int, background: bool) -> dict[str, np.ndarray]:
-    """map_batches function (batch_format="numpy"): whole-video (or chunk) rows -> labelled clips.
+def snippet_labels(batch: dict[str, np.ndarray], num_classes: int, background: bool,
+                   label_map: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, snippet, label) of every clip `snippet_clips` cuts from a batch; frames are not read.
 
-    Each snippet becomes one clip of its F frames. Its centre (the mean of its frames'
-    timestamps: they sit at the centres of F equal sub-bins) decides its label: the class of
-    the first segment, in annotation order, with start <= centre <= end. Snippets in no
-    segment are labelled `num_classes` ("background") when `background`, else dropped;
-    padding snippets (num_valid_snippets) are always dropped.
+    A snippet's centre (the mean of its frames' timestamps: they sit at the centres of F equal
+    sub-bins) decides its label: the class of the first segment, in annotation order, with
+    start <= centre <= end. Snippets in no segment are labelled `num_classes` ("background")
+    when `background`, else dropped; padding snippets (num_valid_snippets) are always dropped.
+    `label_map` maps the shards' label ids to the classifier's (another vocabulary, e.g. a
+    clip classifier scored on TAL videos); a snippet whose class maps to -1 is dropped.
     """
-    frames = batch["frames"]  # (N, Tc, F, S, S, 3)
-    clips, labels = [], []
-    for row in range(frames.shape[0]):
+    rows, snippets, labels = [], [], []
+    for row in range(len(batch["num_valid_snippets"])):
         centres = np.nanmean(batch["timestamps_sec"][row], axis=1)  # (Tc, F) -> (Tc,)
         starts = np.asarray(batch["segment_start_sec"][row], dtype=np.float64)
         ends = np.asarray(batch["segment_end_sec"][row], dtype=np.float64)
@@ -181,15 +183,23 @@ def snippet_clips(batch: dict[str, np.ndarray], num_classes: int, background: bo
         for t in range(int(batch["num_valid_snippets"][row])):
             inside = np.flatnonzero((starts <= centres[t]) & (centres[t] <= ends))
             if inside.size:
-                labels.append(int(ids[inside[0]]))
-            elif background:
-                labels.append(num_classes)
+                label = int(ids[inside[0]]) if label_map is None else int(label_map[ids[inside[0]]])
             else:
-                continue
-            clips.append(frames[row, t])
-    if not clips:
-        return {"clip": np.zeros((0, *frames.shape[2:]), dtype=np.uint8), "label": np.zeros(0, dtype=np.int64)}
-    return {"clip": np.stack(clips), "label": np.asarray(labels, dtype=np.int64)}  # M x (F, S, S, 3) -> (M, F, S, S, 3)
+                label = num_classes if background else -1
+            if label >= 0:
+                rows.append(row)
+                snippets.append(t)
+                labels.append(label)
+    return np.asarray(rows, dtype=np.int64), np.asarray(snippets, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+def snippet_clips(batch: dict[str, np.ndarray], num_classes: int, background: bool,
+                  label_map: list[int] | None = None) -> dict[str, np.ndarray]:
+    """map_batches function (batch_format="numpy"): whole-video (or chunk) rows -> labelled clips,
+    one per snippet of F frames, labelled as `snippet_labels` says."""
+    frames = batch["frames"]  # (N, Tc, F, S, S, 3)
+    rows, snippets, labels = snippet_labels(batch, num_classes, background, label_map)
+    return {"clip": np.ascontiguousarray(frames[rows, snippets]), "label": labels}  # (M, F, S, S, 3), (M,)
 
 
 def video_seed(seed: int, epoch: int, video_index: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -15,7 +16,12 @@ class RayConfig:
 
 
 def connect_ray(cfg: RayConfig) -> None:
-    """Join the given cluster, RAY_ADDRESS, or the one this process started; else start one."""
+    """Join the given cluster, RAY_ADDRESS, or the one this process started; else start one.
+
+    A local cluster starts with its dashboard: Ray's state API lives there, and without it Ray
+    Train's placement-group cleaner warns every few seconds that it cannot query actor state.
+    """
+    quiet_data_output()
     if ray.is_initialized():
         return
     if cfg.address:
@@ -23,4 +29,14 @@ def connect_ray(cfg: RayConfig) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
+        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def quiet_data_output() -> None:
+    """Ray Data progress bars only on a terminal, and no plan dump at each execution start: in a
+    log (a job, CI, `make demo > log`) they repeat every few seconds and bury the stage progress."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.print_on_execution_start = False

@@ -52,15 +52,37 @@ class RunSection:
 class DataSection:
     shards: str = ""  # `lofi prepare` output folder (its manifest names the levels and labels)
     annotations: str = ""  # ground truth for evaluation; empty: the annotation file in the manifest's config
+    # `lofi pipeline` only: the TAL videos' folder (or URI); with it the pipeline prepares them itself into
+    # `shards` (empty: <run>/prepared) at the full level and every level of the fidelity schedule
+    videos: str = ""
+    # `lofi pipeline` only: stage 1's labelled trimmed clips, prepared into `pretrain_shards` (empty:
+    # <run>/prepared_clips): an annotation file (a Kinetics-style CSV label,youtube_id,time_start,time_end,split)
+    # and the folder of its clip files (<youtube_id>_<start:06d>_<end:06d>.mp4)
+    pretrain_annotations: str = ""
+    pretrain_videos: str = ""
     train_subset: str = "training"
     val_subset: str = "validation"
     full_level: str = "full"  # the shard level that features are extracted at (full fidelity)
-    pretrain_level: str = ""  # the shard level stage 1 cuts its clips from; empty: full_level
-    pretrain_background: bool = True  # stage 1: snippets outside every segment form one extra "background" class
+    # Stage 1's clips. pretrain_shards: `lofi prepare` output of a set of labelled trimmed clips (e.g. a
+    # Kinetics-style CSV, `lofi synth-clips`), separate from the TAL videos as in the paper; empty: clips are
+    # cut from the TAL training videos of `shards` (one per snippet, labelled by the segment it lies in).
+    pretrain_shards: str = ""
+    pretrain_level: str = ""  # the level stage 1 reads; empty: full_level (or the only level of pretrain_shards)
+    pretrain_background: bool = True  # clips cut from TAL videos: snippets outside every segment form a "background" class
+    pretrain_clip_frames: int = 0  # frames per training clip: a random window of a longer stored clip (temporal
+    #                                jitter; validation takes the centred one); 0: all frames of a snippet
+    pretrain_min_crop_scale: float = 1.0  # scale jitter: random crops of [this, 1] of the frame area, resized back
+    pretrain_balanced: bool = True  # class-balanced cross-entropy weights (N / (K * n_k)) from the training clips
     # training datasets whose decoded frames (or features) fit in this many MiB are read once on the driver
     # into Ray's object store, so epochs skip reading and decoding shards; larger ones stream from the
     # shards every epoch. 0: always stream.
     cache_max_mib: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if self.pretrain_clip_frames < 0:
+            raise ValueError(f"pretrain_clip_frames must be >= 0 (0: all frames), got {self.pretrain_clip_frames}")
+        if not 0 < self.pretrain_min_crop_scale <= 1:
+            raise ValueError(f"pretrain_min_crop_scale must be in (0, 1] (1: no crop), got {self.pretrain_min_crop_scale}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,10 @@ class OptimSection:
     batch_size: int = 16
     encoder_lr_scale: float = 1.0  # encoder lr = lr * this (end-to-end stages)
     grad_clip_norm: float = 0.0  # 0: no clipping
+    # End to end (stage 2): keep the encoder's BatchNorm in eval mode, with its checkpoint's statistics.
+    # LoFi levels differ in frame size and count, so statistics re-estimated on them would not fit the
+    # full-fidelity frames the encoder is used at afterwards; and a few videos per batch estimate them badly.
+    freeze_encoder_bn: bool = False
     shuffle_buffer_rows: int = 16  # per-worker shuffle buffer (videos, or clips in pretrain), reseeded each epoch; 0: fixed order
 
     def __post_init__(self) -> None:
@@ -119,15 +145,40 @@ class DetectSection:
 
 
 @dataclass(frozen=True)
+class PrepareSection:
+    """How `lofi pipeline` prepares data; the levels themselves come from `fidelity` (the full level
+    and every level of the schedule) and, for stage 1's clips, one level "clip" (T=1)."""
+
+    num_workers: int = 2  # decode+write tasks at once
+    videos_per_part: int = 8  # videos per commit (the granularity of resuming)
+    clip_videos_per_part: int = 100  # the same for the trimmed clips: many small files
+    clip_frames_per_snippet: int = 8  # F of the clip level: data.pretrain_clip_frames windows jitter inside it
+    max_error_fraction: float = 0.05  # stop when more videos than this fail to decode
+    metadata: str = ""  # metadata CSV for annotation formats without durations
+
+    def __post_init__(self) -> None:
+        for key in ("num_workers", "videos_per_part", "clip_videos_per_part", "clip_frames_per_snippet"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     fidelity: FidelityScheduleConfig = field(default_factory=FidelityScheduleConfig)
     # stage 1 rows are clips, consecutive ones from one video: a larger shuffle buffer mixes videos
     pretrain: OptimSection = field(default_factory=lambda: OptimSection(lr=0.01, epochs=5, shuffle_buffer_rows=512))
-    train: OptimSection = field(default_factory=OptimSection)  # stage 2: the paper's recipe
+    # Stage 2: the paper's recipe (SGD 0.1, halved every 5 epochs), plus two defaults of end-to-end TAL
+    # training: gradients clipped to norm 1 (the TAL losses of a head starting from scratch spike in the
+    # first steps and would wreck the pre-trained encoder) and frozen encoder BatchNorm (see above).
+    # encoder_lr_scale < 1 keeps the pre-trained encoder closer to its start than the new head.
+    train: OptimSection = field(default_factory=lambda: OptimSection(grad_clip_norm=1.0, freeze_encoder_bn=True))
     train_head: OptimSection = field(default_factory=lambda: OptimSection(optimizer="adamw", lr=1e-3, epochs=10))
     extract: ExtractSection = field(default_factory=ExtractSection)
     detect: DetectSection = field(default_factory=DetectSection)

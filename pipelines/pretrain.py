@@ -1,27 +1,38 @@
-"""`lofi pretrain`: stage 1, clip classification of the encoder on trimmed clips of the training videos.
+"""`lofi pretrain`: stage 1, clip classification pre-training of the encoder on trimmed clips.
 
-Clips come from the shards of one level (`data.pretrain_level`, empty: `data.full_level`):
-every snippet of a training video whose centre lies inside a ground-truth segment is a clip
-of its F frames, labelled with that segment's class (the first segment in annotation order
-when segments overlap); see `pipelines.batches.snippet_clips`. Rows may be chunks and the
-level may have a fixed stride: clips are per snippet, so any level works.
+Two sources of clips (`pipelines.batches.snippet_clips` cuts both, one clip per snippet):
 
-Background: with `data.pretrain_background` (the default) the snippets outside every segment
-form one more class, "background" (id K after the K action classes). Stage 2 and the TAL
-head need features that tell action from non-action, which a classifier that only ever sees
-action clips has no reason to learn (cf. TSP, Alwassel et al. 2021, which pre-trains with an
-action/background signal for the same reason). Turn it off for datasets whose background
-would swamp the actions (e.g. THUMOS14, ~70% background): the classifier then sees
-actions only.
+- `data.pretrain_shards` (as in the paper, where stage 1 is Kinetics): the `lofi prepare`
+  output of a separate set of labelled trimmed clips, e.g. a Kinetics-style CSV
+  (`label,youtube_id,time_start,time_end,split`, files `<youtube_id>_<start>_<end>.mp4`) or
+  `lofi synth-clips`. Each clip file is one segment of its class; prepared at T=1 it is one
+  clip of F frames. `data.pretrain_level` names the level (empty: the only one, else
+  `data.full_level`). Every epoch the classifier is also scored on the snippets of the TAL
+  validation videos of `data.shards` at `data.full_level` (classes matched by name, background
+  snippets left out): how well what it learnt transfers to the videos it will localise in.
+- otherwise, the TAL training videos of `data.shards` themselves: every snippet whose centre
+  lies inside a ground-truth segment is a clip of that segment's class; with
+  `data.pretrain_background` the snippets outside every segment form one more class,
+  "background" (id K): the TAL head needs features that tell action from non-action (cf. TSP,
+  Alwassel et al. 2021). Turn it off where background swamps the actions (THUMOS14, ~70%).
+
+Training: class-balanced cross-entropy (`data.pretrain_balanced`: weight N / (K * n_k) per
+class, from the training clips' labels); label-preserving augmentation (`lofi.clips`): a
+random window of `data.pretrain_clip_frames` consecutive frames of a longer stored clip
+(temporal jitter; validation takes the centred window) and random crops of
+`[data.pretrain_min_crop_scale, 1]` of the frame resized back (scale jitter). No horizontal
+flip: it would turn move_left into move_right. Validation reports, every epoch, accuracy,
+balanced accuracy and each class's recall (`val_*` on held-out clips, `val_tal_*` on the TAL
+validation snippets).
 
 The model is `lofi.models.encoders.ClipClassifier` (the encoder's clip feature, dropout and
-a linear layer), trained with cross-entropy by the shared harness (pipelines/trainer.py:
-DDP, checkpoints every epoch, resume, metrics). The encoder starts from `encoder.checkpoint`
-(e.g. ImageNet or Kinetics weights) or from scratch when it is empty.
+a linear layer) trained by the shared harness (pipelines/trainer: DDP, checkpoints every
+epoch, resume, metrics). The encoder starts from `encoder.checkpoint` (e.g. ImageNet or
+Kinetics weights) or from scratch when it is empty.
 
 Writes `<run>/pretrain/encoder.pt`: the encoder's state dict in lofi naming (`backbone.*`),
 which `encoder.checkpoint` of the later stages loads; and `classes.json` (the classifier's
-class names, background last when used).
+class names, background last when used, and the training clips per class).
 """
 
 from __future__ import annotations
@@ -29,17 +40,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lofi.config import add_config_arguments, config_from_args
+from lofi.clips import class_weights, classification_metrics, random_resized_crop, recall_counts, temporal_window
 from lofi.errors import LofiError, cli_errors
 from lofi.models.encoders import ClipClassifier, build_encoder
 from pipelines import shards
-from pipelines.batches import CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, tensor_column
+from pipelines.batches import (CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, snippet_labels,
+                               tensor_column)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
@@ -48,51 +64,118 @@ from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_hist
 STAGE = "pretrain"
 
 
-def pretrain_level(cfg: PipelineConfig) -> str:
-    return cfg.data.pretrain_level or cfg.data.full_level
+@dataclass(frozen=True)
+class ClipSource:
+    """Where a set of clips comes from: a shard folder, a level, and how snippets are labelled."""
+
+    shards: str
+    level: str
+    background: bool  # snippets outside every segment are clips of class "background" (id K)
+    label_map: tuple[int, ...] | None = None  # shard label id -> classifier id (-1: dropped)
+
+    def kwargs(self, num_actions: int) -> dict[str, Any]:
+        return {"num_classes": num_actions, "background": self.background,
+                "label_map": list(self.label_map) if self.label_map is not None else None}
 
 
-def check_inputs(cfg: PipelineConfig) -> tuple[list[str], list[str], dict[str, int]]:
-    """(class names, shard files, videos per subset); every problem found is reported at once."""
-    if not cfg.data.shards:
-        raise LofiError("data.shards is empty: set it to the output folder of `lofi prepare` (--set data.shards=DIR)")
-    manifest = shards.read_manifest(cfg.data.shards)
+def train_source(cfg: PipelineConfig) -> ClipSource:
+    """Stage 1's training clips: `data.pretrain_shards` (trimmed clips) or the TAL videos' snippets."""
+    if not cfg.data.pretrain_shards:
+        if not cfg.data.shards:
+            raise LofiError("data.shards and data.pretrain_shards are empty: set data.pretrain_shards to the `lofi "
+                            "prepare` output of a trimmed-clip set, or data.shards to that of the TAL videos")
+        return ClipSource(cfg.data.shards, cfg.data.pretrain_level or cfg.data.full_level, cfg.data.pretrain_background)
+    levels = [e["name"] for e in shards.read_manifest(cfg.data.pretrain_shards)["levels"]]
+    level = cfg.data.pretrain_level or (levels[0] if len(levels) == 1 else cfg.data.full_level)
+    return ClipSource(cfg.data.pretrain_shards, level, background=False)
+
+
+def tal_val_source(cfg: PipelineConfig, names: list[str]) -> ClipSource | None:
+    """The TAL validation videos' snippets at data.full_level, labelled in the classifier's
+    classes (matched by name), when stage 1 trains on a separate clip set; else None."""
+    if not cfg.data.pretrain_shards or not cfg.data.shards:
+        return None
+    tal_labels = shards.read_manifest(cfg.data.shards)["labels"]
+    index = {name: k for k, name in enumerate(names)}
+    label_map = tuple(index.get(name, -1) for name in tal_labels)
+    if all(k < 0 for k in label_map):
+        return None
+    return ClipSource(cfg.data.shards, cfg.data.full_level, background=False, label_map=label_map)
+
+
+def _subset_counts(source: ClipSource) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for label in read_video_labels(shards.level_files(source.shards, source.level)[1]).values():
+        counts[label.subset] = counts.get(label.subset, 0) + 1
+    return counts
+
+
+def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Class names, sources and videos per subset; every problem found is reported at once."""
+    source = train_source(cfg)
+    manifest = shards.read_manifest(source.shards)
+    key = "data.pretrain_shards" if cfg.data.pretrain_shards else "data.shards"
     try:
-        _, files = shards.level_files(cfg.data.shards, pretrain_level(cfg))
+        counts = _subset_counts(source)
     except LofiError as err:
         raise LofiError(f"{err}; set data.pretrain_level (or data.full_level) to one of them") from None
-    counts: dict[str, int] = {}
-    for label in read_video_labels(files).values():
-        counts[label.subset] = counts.get(label.subset, 0) + 1
     problems = []
     if not manifest["labels"]:
-        problems.append(f"{cfg.data.shards}/manifest.json: no class labels; the annotations hold no segments")
+        problems.append(f"{source.shards}/manifest.json ({key}): no class labels; the annotations hold no segments")
     if not counts.get(cfg.data.train_subset):
-        problems.append(f"{cfg.data.shards}: level {pretrain_level(cfg)!r} has no video of subset "
+        problems.append(f"{source.shards} ({key}): level {source.level!r} has no video of subset "
                         f"{cfg.data.train_subset!r} (subsets: {counts}); set data.train_subset")
+    names = list(manifest["labels"]) + (["background"] if source.background else [])
+    tal_val = None
+    if cfg.data.pretrain_shards and cfg.data.shards:
+        try:
+            tal_val = tal_val_source(cfg, names)
+            if tal_val is not None and not _subset_counts(tal_val).get(cfg.data.val_subset):
+                tal_val = None
+        except LofiError as err:
+            problems.append(f"data.shards (scored every epoch on its validation videos): {err}")
     if problems:
         raise LofiError("; ".join(problems))
-    names = list(manifest["labels"]) + (["background"] if cfg.data.pretrain_background else [])
-    return names, files, counts
+    return {"names": names, "source": source, "counts": counts, "tal_val": tal_val}
 
 
-def clip_dataset(cfg: PipelineConfig, subset: str, num_classes: int) -> Any:
+def clip_table(source: ClipSource, subset: str, num_actions: int) -> dict[str, np.ndarray]:
+    """The labelled clips of one subset read with pyarrow: clip (M, F, S, S, 3) uint8, label (M,)."""
+    import pyarrow.compute as pc
+
+    table = shards.read_level_table(source.shards, source.level)
+    table = table.filter(pc.equal(table.column("subset"), subset))
+    return snippet_clips(numpy_batch(table), **source.kwargs(num_actions))
+
+
+def clip_dataset(cfg: PipelineConfig, source: ClipSource, subset: str, num_actions: int) -> Any:
     """Ray Dataset of labelled clips (clip (F, S, S, 3) uint8, label int64) of one subset."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     from ray.data.expressions import col
 
-    level = pretrain_level(cfg)
-    entry, _ = shards.level_files(cfg.data.shards, level)
-    kwargs = {"num_classes": num_classes, "background": cfg.data.pretrain_background}
+    entry, _ = shards.level_files(source.shards, source.level)
     if fits_in_memory(cfg, entry["frames"] * entry["size_px"] ** 2 * 3):  # all subsets: an upper bound
-        table = shards.read_level_table(cfg.data.shards, level)
-        clips = snippet_clips(numpy_batch(table.filter(pc.equal(table.column("subset"), subset))), **kwargs)
+        clips = clip_table(source, subset, num_actions)
         return table_dataset(pa.table({"clip": tensor_column(clips["clip"]), "label": clips["label"]}))
-    ds = shards.read_level_dataset(cfg.data.shards, level, columns=None)
+    ds = shards.read_level_dataset(source.shards, source.level, columns=None)
     ds = ds.filter(expr=col("subset") == subset)
-    ds = ds.map_batches(snippet_clips, batch_format="numpy", fn_kwargs=kwargs)
+    ds = ds.map_batches(snippet_clips, batch_format="numpy", fn_kwargs=source.kwargs(num_actions))
     return ds.select_columns(list(CLIP_COLUMNS))
+
+
+def label_counts(source: ClipSource, subset: str, num_actions: int, num_outputs: int) -> list[int]:
+    """Clips per class of one subset, from the shards' small columns (no frame is read)."""
+    import pyarrow.compute as pc
+
+    columns = ["subset", "timestamps_sec", "num_valid_snippets", "segment_start_sec", "segment_end_sec",
+               "segment_label_id"]
+    table = shards.read_level_table(source.shards, source.level, columns)
+    table = table.filter(pc.equal(table.column("subset"), subset))
+    batch = {name: (table.column(name).combine_chunks().to_numpy_ndarray() if name == "timestamps_sec" else
+                    np.array(table.column(name).to_pylist() + [None], dtype=object)[:-1])
+             for name in columns[1:]}
+    _, _, labels = snippet_labels(batch, **source.kwargs(num_actions))
+    return np.bincount(labels, minlength=num_outputs).tolist()
 
 
 class PretrainLoop:
@@ -100,8 +183,10 @@ class PretrainLoop:
     samples = "clips"
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.num_outputs = int(config["num_outputs"])
-        self.has_val = bool(config["has_val"])
+        self.names = list(config["class_names"])
+        self.num_outputs = len(self.names)
+        self.val_sets = dict(config["val_sets"])  # dataset name -> metric prefix
+        self.weights = config.get("class_weights")
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         return ClipClassifier(build_encoder(ctx.cfg.encoder), self.num_outputs)
@@ -113,24 +198,33 @@ class PretrainLoop:
         return iter(ctx.batches("train", epoch, train=True))
 
     def step(self, ctx: WorkerContext, model: nn.Module, batch: Any, epoch: int) -> StepOutput:
-        clips, labels = batch["clip"], batch["label"]  # (B, F, S, S, 3) uint8, (B,)
-        loss = F.cross_entropy(model(clips), labels)
+        data = ctx.cfg.data
+        clips = temporal_window(batch["clip"], data.pretrain_clip_frames, jitter=True)  # (B, F, S, S, 3) uint8
+        clips = random_resized_crop(clips, data.pretrain_min_crop_scale)
+        weight = torch.tensor(self.weights, dtype=torch.float32, device=clips.device) if self.weights else None
+        loss = F.cross_entropy(model(clips), batch["label"], weight=weight)
         return StepOutput({"total": loss}, clips.shape[0], clips.shape[0] * clips.shape[1])
 
     def validate(self, ctx: WorkerContext, model: nn.Module, epoch: int) -> dict[str, float]:
-        if not self.has_val:
-            return {}
-        sums = {"loss": 0.0, "correct": 0.0, "clips": 0.0}
-        for batch in ctx.batches("val", epoch, train=False):
-            logits = model(batch["clip"])
-            sums["loss"] += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
-            sums["correct"] += float((logits.argmax(dim=1) == batch["label"]).sum())
-            sums["clips"] += batch["label"].shape[0]
-        sums = all_reduce(sums, ctx.device)
-        if not sums["clips"]:
-            return {}
-        return {"val_loss_total": sums["loss"] / sums["clips"], "val_accuracy": sums["correct"] / sums["clips"],
-                "val_clips": sums["clips"]}
+        out: dict[str, float] = {}
+        for name, prefix in self.val_sets.items():
+            sums = {"loss": 0.0} | {f"correct{k}": 0.0 for k in range(self.num_outputs)} | {
+                f"support{k}": 0.0 for k in range(self.num_outputs)}
+            for batch in ctx.batches(name, epoch, train=False):
+                logits = model(temporal_window(batch["clip"], ctx.cfg.data.pretrain_clip_frames, jitter=False))
+                sums["loss"] += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
+                correct, support = recall_counts(logits, batch["label"], self.num_outputs)
+                for k in range(self.num_outputs):
+                    sums[f"correct{k}"] += correct[k]
+                    sums[f"support{k}"] += support[k]
+            sums = all_reduce(sums, ctx.device)
+            correct = np.array([sums[f"correct{k}"] for k in range(self.num_outputs)])
+            support = np.array([sums[f"support{k}"] for k in range(self.num_outputs)])
+            metrics = classification_metrics(correct, support, self.names, prefix)
+            if metrics:
+                metrics[f"{prefix}loss_total"] = sums["loss"] / support.sum()
+            out.update(metrics)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_outputs": self.num_outputs}
@@ -154,23 +248,33 @@ def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
     """Stage 1: train the clip classifier; write <run>/pretrain/encoder.pt."""
     start = time.perf_counter()
-    names, _, counts = check_inputs(cfg)
+    inputs = check_inputs(cfg)
+    names, source, tal_val = inputs["names"], inputs["source"], inputs["tal_val"]
+    num_actions = len(names) - int(source.background)
     connect_ray(cfg.ray)
     out_dir = cfg.run.stage_dir(STAGE)
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
-        num_actions = len(names) - int(cfg.data.pretrain_background)
-        datasets = {"train": clip_dataset(cfg, cfg.data.train_subset, num_actions)}
-        has_val = bool(counts.get(cfg.data.val_subset))
-        if has_val:
-            datasets["val"] = clip_dataset(cfg, cfg.data.val_subset, num_actions)
-        result = fit(cfg, STAGE, _loop, {"num_outputs": len(names), "has_val": has_val}, datasets)
+        datasets = {"train": clip_dataset(cfg, source, cfg.data.train_subset, num_actions)}
+        val_sets = {}
+        if inputs["counts"].get(cfg.data.val_subset):
+            datasets["val"] = clip_dataset(cfg, source, cfg.data.val_subset, num_actions)
+            val_sets["val"] = "val_"
+        if tal_val is not None:  # the TAL validation videos' snippets, in the classifier's classes
+            datasets["val_tal"] = clip_dataset(cfg, tal_val, cfg.data.val_subset, num_actions)
+            val_sets["val_tal"] = "val_tal_"
+        counts = label_counts(source, cfg.data.train_subset, num_actions, len(names))
+        loop = {"class_names": names, "val_sets": val_sets,
+                "class_weights": class_weights(counts) if cfg.data.pretrain_balanced else None}
+        result = fit(cfg, STAGE, _loop, loop, datasets)
         history = epoch_history(result)
         log_training(tracker, history)
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = {"encoder": str(out_dir / "encoder.pt"), "classes": str(out_dir / "classes.json")}
         torch.save(encoder_state(final_state(result)["model"]), artifacts["encoder"])
-        (out_dir / "classes.json").write_text(json.dumps({"classes": names, "level": pretrain_level(cfg)}, indent=1))
+        (out_dir / "classes.json").write_text(json.dumps(
+            {"classes": names, "train_clips_per_class": dict(zip(names, counts)), "shards": source.shards,
+             "level": source.level}, indent=1))
         for path in artifacts.values():
             tracker.log_artifact(path)
         run_id = tracker.run_id
@@ -180,13 +284,15 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofi pretrain",
-        description="Stage 1: train the video encoder as a clip classifier on trimmed clips (one per snippet "
-                    "inside a training segment, labelled with its class; plus a background class) cut from the "
-                    "shards of `lofi prepare`, with Ray Train (DDP over scaling.num_workers workers, a checkpoint "
+        description="Stage 1: train the video encoder as a clip classifier on labelled trimmed clips: a separate "
+                    "clip set (data.pretrain_shards: `lofi prepare` of a Kinetics-style CSV or of `lofi synth-clips`) "
+                    "or the snippets of the TAL training videos (one per snippet inside a segment, plus a "
+                    "background class), with Ray Train (DDP over scaling.num_workers workers, a checkpoint "
                     "every epoch; rerunning with the same run.name resumes). Writes <run.storage>/<run.name>/"
                     "pretrain/encoder.pt for encoder.checkpoint of the later stages.",
-        epilog="Config keys used (YAML or --set): data.shards, data.pretrain_level (empty: data.full_level), "
-               "data.pretrain_background, data.train_subset, data.val_subset; encoder.* (name, width, checkpoint, "
+        epilog="Config keys used (YAML or --set): data.pretrain_shards, data.shards, data.pretrain_level, "
+               "data.pretrain_background, data.pretrain_clip_frames, data.pretrain_min_crop_scale, "
+               "data.pretrain_balanced, data.full_level, data.train_subset, data.val_subset; encoder.* (name, width, checkpoint, "
                "checkpoint_format, shift_div, activation_checkpointing, freeze_bn, frozen_stages, amp_dtype); "
                "pretrain.* (optimizer sgd|adamw, lr, momentum, weight_decay, epochs, lr_step_epochs, lr_gamma, "
                "batch_size (global, in clips), grad_clip_norm, shuffle_buffer_rows); run.name, run.storage, "

@@ -19,6 +19,10 @@ is T_head.
 
 Starts from `encoder.checkpoint` (e.g. `<run>/pretrain/encoder.pt`); the encoder's learning
 rate is `train.lr * train.encoder_lr_scale`, the head's `train.lr` (StepLR on both).
+BatchNorm: with `train.freeze_encoder_bn` (the default) the encoder's BatchNorm layers stay in
+eval mode with the checkpoint's statistics, so no encoder saved or validated here carries
+statistics of a lower-fidelity level (frames of another size and count). Gradients are
+clipped to `train.grad_clip_norm` (default 1).
 
 Writes `<run>/train/encoder.pt` (VideoEncoder state dict, lofi naming, for extraction),
 `model.pt` (the TALModel state dict: `encoder.*` and `head.*`) and `model.json` (what
@@ -143,6 +147,11 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
     return ds.select_columns(list(VIDEO_BATCH_COLUMNS))
 
 
+def stage2_encoder_config(cfg: PipelineConfig) -> Any:
+    """The encoder as stage 2 trains it: BatchNorm frozen with train.freeze_encoder_bn (the default)."""
+    return dataclasses.replace(cfg.encoder, freeze_bn=cfg.encoder.freeze_bn or cfg.train.freeze_encoder_bn)
+
+
 # 2. the worker loop --------------------------------------------------------------------------
 
 class TrainLoop:
@@ -158,7 +167,7 @@ class TrainLoop:
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         self.schedule = FidelitySchedule(ctx.cfg.fidelity)
-        encoder = build_encoder(ctx.cfg.encoder)
+        encoder = build_encoder(stage2_encoder_config(ctx.cfg))
         head = build_head(ctx.cfg.head, encoder.feature_dim, self.head_snippets, self.num_classes)
         return TALModel(encoder, head, self.head_snippets)
 
@@ -240,7 +249,7 @@ def activation_memory_bytes(cfg: PipelineConfig, levels: tuple[FidelityLevel, ..
     amp = cfg.encoder.amp_dtype
     if amp == "fp16" and not torch.cuda.is_available():
         amp = "bf16"  # CPU autocast has no fp16; both are 2-byte types (the autocast op lists differ a little)
-    enc_cfg = dataclasses.replace(cfg.encoder, checkpoint=None, amp_dtype=amp)
+    enc_cfg = dataclasses.replace(stage2_encoder_config(cfg), checkpoint=None, amp_dtype=amp)
     # meta: no data and no compute, the same bytes; autocast needs a real device
     device = "meta" if amp == "none" else ("cuda" if amp == "fp16" else "cpu")
     encoder = build_encoder(enc_cfg).to(device)
@@ -354,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                "fidelity.every_batches, fidelity.overrides.<level>.{num_snippets,frames_per_snippet,size_px}; "
                "encoder.* (checkpoint: e.g. the stage-1 encoder.pt; activation_checkpointing, amp_dtype, freeze_bn, "
                "frozen_stages); head.*; train.* (optimizer, lr, momentum, weight_decay, epochs, lr_step_epochs, "
-               "lr_gamma, batch_size (global), encoder_lr_scale, grad_clip_norm, shuffle_buffer_rows); run.name, "
+               "lr_gamma, batch_size (global), encoder_lr_scale, grad_clip_norm (default 1), freeze_encoder_bn "
+               "(default true), shuffle_buffer_rows); run.name, "
                "run.storage, run.seed, run.max_failures, run.deterministic; scaling.num_workers, scaling.use_gpu, "
                "scaling.cpus_per_worker; tracking.*; ray.address, ray.num_cpus.")
     add_config_arguments(parser)

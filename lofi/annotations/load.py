@@ -38,9 +38,9 @@ log = logging.getLogger("lofi.annotations")
 END_TOLERANCE_SEC = 1.0
 END_TOLERANCE_FRACTION = 0.01
 
-Format = Literal["auto", "activitynet", "prediction", "thumos_csv"]
+Format = Literal["auto", "activitynet", "prediction", "thumos_csv", "kinetics_csv"]
 LENIENT_HINT = "(or pass --lenient to keep it as written, as the official evaluator does)"
-FORMATS = ("auto", "activitynet", "prediction", "thumos_csv")
+FORMATS = ("auto", "activitynet", "prediction", "thumos_csv", "kinetics_csv")
 
 
 def end_tolerance_sec(duration_sec: float) -> float:
@@ -178,6 +178,8 @@ def _read_labels(labels: Iterable[str] | str | Path | None) -> frozenset[str] | 
 def _read_raw(path: Path, fmt: str, assign_subset: str | None, has_metadata: bool) -> sources.RawFile:
     if fmt not in FORMATS:
         raise AnnotationError([f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}"])
+    if fmt == "kinetics_csv" or (fmt == "auto" and path.suffix.lower() == ".csv" and sources.is_kinetics_csv(path)):
+        return sources.read_kinetics_csv(path)
     if fmt == "thumos_csv" or (fmt == "auto" and path.suffix.lower() == ".csv"):
         return sources.read_thumos_csv(path, assign_subset)
     data = sources.read_json(path)
@@ -199,7 +201,8 @@ def load_annotations(path: str | Path, *, metadata: str | Path | None = None, sk
                      lenient: bool = False, assign_subset: str | None = None) -> AnnotationSet:
     """Read and validate ground truth (rules in the module docstring).
 
-    fmt "auto": `.csv` -> THUMOS TSP CSV; JSON with `database` -> ActivityNet; JSON with
+    fmt "auto": `.csv` with youtube_id/time_start/time_end columns -> Kinetics-style trimmed
+    clips (one video per row, `sources.read_kinetics_csv`); other `.csv` -> THUMOS TSP CSV; JSON with `database` -> ActivityNet; JSON with
     `results` -> prediction-format ground truth (needs `metadata` for durations). The
     formats without subsets put their videos in `assign_subset` (prediction format:
     default "validation"; THUMOS CSV: inferred from `video_test_*`/`video_validation_*`).

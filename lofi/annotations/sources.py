@@ -190,6 +190,54 @@ def read_thumos_csv(path: Path, subset: str | None) -> RawFile:
     return RawFile(path, list(videos.values()))
 
 
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def kinetics_clip_id(youtube_id: str, time_start: Any, time_end: Any) -> str:
+    """`<youtube_id>_<start:06d>_<end:06d>`: the file stem the Kinetics download tools write
+    for a trimmed clip (times in whole seconds)."""
+    return f"{youtube_id}_{int(float(time_start)):06d}_{int(float(time_end)):06d}"
+
+
+def is_kinetics_csv(path: Path) -> bool:
+    """Whether a CSV's header names the Kinetics columns (cheap: reads the first line only)."""
+    try:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"youtube_id", "time_start", "time_end"} <= {h.strip() for h in header}
+
+
+def read_kinetics_csv(path: Path) -> RawFile:
+    """Kinetics-style trimmed clips: one row per clip, `label,youtube_id,time_start,time_end,split`.
+
+    Each row is a video of its own, the trimmed file `<youtube_id>_<start:06d>_<end:06d>.<ext>`,
+    whose whole span (duration `time_end - time_start`, from 0 in the file) is one segment of
+    `label`. `split` takes the subset spellings (train/val/test). Extra columns (is_cc) are ignored.
+    """
+    rows = _read_csv_rows(path, KINETICS_COLUMNS, "Kinetics")
+    videos: dict[str, RawVideo] = {}
+    for line, row in rows:
+        start, end = row["time_start"], row["time_end"]
+        try:
+            video_id = kinetics_clip_id(row["youtube_id"], start, end)
+            duration: Any = float(end) - float(start)
+        except ValueError:
+            video_id, duration = f"{row['youtube_id']}_line{line}", None
+        raw = RawVideo(video_id, row["split"], duration)
+        if duration is None:
+            raw.problem = f"line {line} time_start/time_end: {start!r}, {end!r} are not numbers of seconds"
+        raw.segments.append(RawSegment(f"line {line} time_start/time_end", f"line {line} label",
+                                       [0.0, duration if duration is not None else 0.0], row["label"]))
+        if video_id in videos:
+            raw.duplicate_of_earlier = True
+            videos[f"{video_id}#line{line}"] = raw
+            continue
+        videos[video_id] = raw
+    return RawFile(path, list(videos.values()))
+
+
 def read_metadata(path: Path) -> tuple[dict[str, tuple[str, str | None]], list[str]]:
     """Per-video (duration, fps) strings keyed by file stem, and any duplicate-row problems.
 

@@ -147,7 +147,8 @@ def finish_stage(cfg: PipelineConfig, stage: str, start: float, history: list[di
 
 def summary_lines(cfg: PipelineConfig, stage: str, seconds: float, epochs: int, metrics: dict[str, float],
                   artifacts: dict[str, str], run_id: str | None) -> list[str]:
-    keys = [k for k in ("loss_total", "val_loss_total", "val_accuracy", "val_average_mAP") if k in metrics]
+    keys = [k for k in ("loss_total", "val_loss_total", "val_accuracy", "val_balanced_accuracy",
+                         "val_tal_balanced_accuracy", "val_average_mAP") if k in metrics]
     final = [f"{k} {metrics[k]:.4g}" for k in keys]
     if "activation_memory_bytes" in metrics:
         final.append(f"activation memory {metrics['activation_memory_bytes'] / 2**20:.1f} MiB per step")

@@ -245,7 +245,8 @@ def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:
     others = [f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss_") and k != "loss_total"]
     if others:
         parts[-1] += f" ({', '.join(others)})"
-    parts += [f"{k} {m[k]:.4f}" for k in ("val_loss_total", "val_accuracy", "val_average_mAP") if k in m]
+    parts += [f"{k} {m[k]:.4f}" for k in ("val_loss_total", "val_balanced_accuracy", "val_tal_balanced_accuracy",
+                                          "val_average_mAP") if k in m]
     parts += [f"lr {m['lr']:.3g}", f"{m[f'{stage.samples}_per_sec']:.2f} {stage.samples}/s"]
     return " | ".join(parts)
 

@@ -269,3 +269,37 @@ def test_real_thumos14_test(shared_data):
     assert len(info.value.problems) == len(past_end) > 0
     # The known THUMOS14 annotation errors (e.g. video_test_0000270 annotated past its 176 s).
     assert {p.split("video '")[1].split("'")[0] for p in info.value.problems} == {r["video-name"] for r in past_end}
+
+
+def test_kinetics_csv_rows_are_trimmed_clips_one_segment_each(tmp_path):
+    path = tmp_path / "clips.csv"
+    path.write_text("label,youtube_id,time_start,time_end,split,is_cc\n"
+                    "abseiling,--07WQ2iBlw,1,11,train,0\n"
+                    "rotate,clip_00003,0,2,val,0\n"
+                    "rotate,clip_00004,0,2,test,0\n")
+    ann = load_annotations(path)  # found by its header, not by the extension alone
+    by_id = {v.video_id: v for v in ann.videos}
+    assert set(by_id) == {"--07WQ2iBlw_000001_000011", "clip_00003_000000_000002", "clip_00004_000000_000002"}
+    clip = by_id["--07WQ2iBlw_000001_000011"]
+    assert clip.subset == "training" and clip.duration_sec == 10.0
+    assert [(s.start_sec, s.end_sec, s.label) for s in clip.segments] == [(0.0, 10.0, "abseiling")]
+    assert by_id["clip_00003_000000_000002"].subset == "validation"
+    assert by_id["clip_00004_000000_000002"].subset == "testing"
+    assert list(ann.labels) == ["abseiling", "rotate"]
+
+
+def test_kinetics_csv_problems_name_the_line_and_field(tmp_path):
+    path = tmp_path / "clips.csv"
+    path.write_text("label,youtube_id,time_start,time_end,split\n"
+                    "grow,a,0,2,train\n"
+                    ",b,0,2,train\n"
+                    "grow,c,x,2,train\n"
+                    "grow,d,3,3,bogus\n")
+    with pytest.raises(AnnotationError) as err:
+        load_annotations(path)
+    text = str(err.value)
+    assert "line 3 label" in text and "line 4 time_start/time_end" in text
+    assert "'d_000003_000003'" in text and "unknown subset 'bogus'" in text
+    kept = {v.video_id: v for v in load_annotations(path, skip_invalid=True).videos}
+    assert set(kept) == {"a_000000_000002", "b_000000_000002"}  # bad times or split drop the clip
+    assert kept["b_000000_000002"].segments == ()  # an unlabelled clip yields no training clip

@@ -120,6 +120,18 @@ def test_train_follows_the_schedule_and_writes_encoder_and_model(one_worker):
     head.load_state_dict({k[len("head."):]: v for k, v in model.items() if k.startswith("head.")})
 
 
+def test_stage2_trains_the_encoder_but_keeps_its_batchnorm_statistics(one_worker, pretrained):
+    _, result = one_worker
+    before = torch.load(pretrained[1].artifacts["encoder"], weights_only=True)
+    after = torch.load(result.artifacts["encoder"], weights_only=True)
+    assert before.keys() == after.keys()
+    convs = [k for k in before if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
+    moved = [k for k in convs if not torch.equal(before[k], after[k])]
+    assert len(moved) == len(convs)  # end to end: every block's convolutions learnt from the TAL loss
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # train.freeze_encoder_bn
+
+
 def test_train_is_tracked_per_epoch_in_mlflow(one_worker):
     from mlflow.tracking import MlflowClient
 

@@ -207,3 +207,21 @@ def test_train_batches_follow_the_fidelity_schedule(cycle):
                        ("st_lofi", "train/st_lofi#3"), ("st_lofi", "train/st_lofi#4")]
         assert sorted(ctx.opened) == ["train/s_lofi", "train/st_lofi", "train/t_lofi"]
     assert loop.epoch_level.name == got[-1][0]  # validation reports the level the epoch ended with
+
+
+def test_stage2_resampling_keeps_snippet_centres_aligned():
+    """A level with T=16 resampled to the head's T=32: a feature equal to its snippet's centre time
+    must land on the centre time of the head's snippet (both grids cover the whole video)."""
+    from pipelines.train import TALModel
+
+    duration = 37.3
+    def centres(t: int) -> torch.Tensor:
+        return (torch.arange(t, dtype=torch.float64) + 0.5) * duration / t
+
+    model = TALModel(lambda frames: centres(16)[None, None, :], lambda features: features, head_snippets=32)
+    out = model(torch.zeros(1))[0, 0]  # (32,)
+    inner = slice(1, 31)  # the outermost half snippets lie beyond the coarse grid's first/last centre
+    assert torch.allclose(out[inner], centres(32)[inner], atol=1e-9)
+    model = TALModel(lambda frames: centres(24)[None, None, :], lambda features: features, head_snippets=32)
+    out = model(torch.zeros(1))[0, 0]
+    assert torch.allclose(out[2:30], centres(32)[2:30], atol=1e-9)
