@@ -85,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="start every seed over (needed after changing --videos)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="pipeline config override passed to every demo run; repeatable")
+    parser.add_argument("--include", action="append", default=[], metavar="SEED=REPORT",
+                        help="add a finished `lofi demo --seed SEED` run's report.json to the table (same config); "
+                             "repeatable")
     args = parser.parse_args(argv)
     reports = {}
+    for item in args.include:
+        seed, _, path = item.partition("=")
+        reports[int(seed)] = json.loads(Path(path).read_text())
     for seed in args.seeds:
         print(f"\n===== seed {seed} =====", flush=True)
         opts = DemoOptions(out=str(Path(args.out) / f"seed-{seed}"), overrides=tuple(args.overrides),
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         reports[seed] = run_demo(opts)
     lines = table(reports)
     print("\n" + "\n".join(lines))
-    (Path(args.out) / "summary.json").write_text(json.dumps({"seeds": args.seeds, "table": lines,
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps({"seeds": sorted(reports), "table": lines,
                                                              "reports": {str(s): r for s, r in reports.items()}}, indent=1))
     return 0
 

@@ -13,6 +13,7 @@ import sys
 # name -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lofi.synth_cli", "generate the demo dataset: encoded untrimmed videos + ActivityNet annotations"),
+    "synth-clips": ("lofi.synth_clips_cli", "generate trimmed clips of the demo's motion classes for stage-1 pre-training"),
     "annotations": ("lofi.annotations_cli", "validate, summarise or convert an annotation file"),
     "eval": ("lofi.eval_cli", "score detections (mAP at tIoU thresholds) or proposals (AR@AN)"),
     "plan-memory": ("lofi.memory_cli", "activation memory per fidelity level and what fits a GPU budget"),
@@ -22,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-head": ("pipelines.train_head", "stage 3: train the TAL head on extracted features (Ray Train)"),
     "extract": ("pipelines.extract", "run the frozen encoder over every video (Ray Data batch inference) into feature shards"),
     "detect": ("pipelines.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
+    "pipeline": ("pipelines.pipeline", "the whole method on your dataset as one job: prepare, stage 1, LoFi, features, "
+                                       "head, detections, report"),
     "demo": ("pipelines.demo", "the main job: generate the demo dataset and run the pipeline on it"),
 }
 

@@ -29,7 +29,8 @@ def connect_ray(cfg: RayConfig) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
 def quiet_data_output() -> None:

@@ -155,6 +155,8 @@ class PrepareSection:
     clip_frames_per_snippet: int = 8  # F of the clip level: data.pretrain_clip_frames windows jitter inside it
     max_error_fraction: float = 0.05  # stop when more videos than this fail to decode
     metadata: str = ""  # metadata CSV for annotation formats without durations
+    subsets: tuple[str, ...] = ()  # prepare only these subsets of the TAL videos; empty: all
+    storage: Literal["uint8", "jpeg"] = "uint8"  # frames in the shards; JPEG is ~10x smaller (ActivityNet: TBs)
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "videos_per_part", "clip_videos_per_part", "clip_frames_per_snippet"):

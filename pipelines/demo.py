@@ -3,20 +3,27 @@
 Phases (each prints progress and a summary; all tracked in MLflow as one parent run whose
 children are the stages):
 
-    1. data      `lofi synth` videos + annotations in OUT/data; `lofi prepare` shards in
-                 OUT/prepared at the full level and every level of the fidelity schedule
-    2. stage 1   `lofi pretrain`: clip classification       -> OUT/runs/stage1/pretrain/encoder.pt
+    1. data      `lofi synth` untrimmed videos + annotations in OUT/data and `lofi synth-clips`
+                 trimmed clips + clips.csv (Kinetics-style) in OUT/clips; `lofi prepare` shards
+                 in OUT/prepared (the full level and every level of the fidelity schedule) and
+                 OUT/prepared_clips (one level "clip": T=1, a clip per file)
+    2. stage 1   `lofi pretrain` on the clips (as the paper's Kinetics stage), scored every
+                 epoch on held-out clips and on the TAL validation videos' snippets
+                                                            -> OUT/runs/stage1/pretrain/encoder.pt
     3. baseline  the frozen stage-1 encoder: extract full-fidelity features, train the head
                  on them, detect on the validation videos   -> OUT/runs/baseline/
     4. LoFi      `lofi train` (stage 2: encoder + head end to end at reduced fidelity, from the
                  stage-1 encoder), then the same extract -> train-head -> detect with the
                  stage-2 encoder                            -> OUT/runs/lofi/
-    5. report    table + OUT/report.json: mAP per tIoU, average mAP, activation memory, wall
-                 time per stage; and how to open the MLflow UI
+    5. full e2e  the same as 4 with stage 2 at full fidelity: the upper bound LoFi approximates,
+                 at several times its activation memory     -> OUT/runs/full_end_to_end/
+    6. report    table + OUT/report.json: mAP per tIoU, average mAP, activation memory, wall
+                 time per stage, stage-1 accuracies; and how to open the MLflow UI
 
-Fair comparison: both branches start from the same stage-1 encoder, train the same head
-config with the same recipe (`train_head`) and seed, and are scored on the same validation
-videos; the LoFi branch differs only by stage 2, which trains the encoder.
+Fair comparison: every branch starts from the same stage-1 encoder, trains the same head
+config with the same recipe (`train_head`) and seed, and is scored on the same validation
+videos; the stage-2 branches differ from the baseline only by stage 2, which trains the
+encoder, and from each other only by `fidelity.kind`.
 
 Reuse: every stage writes a record (OUT/runs/<branch>/demo_records/<stage>.json) holding a
 hash of the config sections it reads and of its inputs; a rerun skips a stage whose record
@@ -26,9 +33,6 @@ matches (synth and prepare check their own outputs the same way). `--overwrite` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -37,45 +41,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lofi.config import apply_overrides, from_dict, load_yaml, replace, to_dict
+from lofi.config import apply_overrides, from_dict, load_yaml, to_dict
 from lofi.errors import LofiError, cli_errors
-from pipelines.config import PipelineConfig, StageResult
+from pipelines.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "deploy/configs/pipeline/demo.yaml"
 SMOKE_CONFIG = "deploy/configs/pipeline/demo_smoke.yaml"
-# The synthetic dataset (lofi.synth.SynthConfig fields); frames are drawn at the full level's size.
-SYNTH = {"num_videos": 80, "min_duration_sec": 20.0, "max_duration_sec": 60.0, "fps": 10.0}
-SMOKE_SYNTH = {"num_videos": 6, "min_duration_sec": 10.0, "max_duration_sec": 16.0, "fps": 8.0}
-# stage -> (module with run(cfg, parent_run_id), config sections its output depends on)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pretrain": ("pipelines.pretrain", ("run.seed", "data", "encoder", "pretrain", "scaling")),
-    "train": ("pipelines.train", ("run.seed", "data", "encoder", "head", "fidelity", "train", "scaling")),
-    "extract": ("pipelines.extract", ("data", "encoder", "extract")),
-    "train_head": ("pipelines.train_head", ("run.seed", "data", "head", "train_head", "scaling")),
-    "detect": ("pipelines.detect", ("data", "head", "detect")),
-}
-
-
+# The synthetic TAL dataset (lofi.synth.SynthConfig fields); frames are drawn at the full level's size.
+# 140 videos, 35 of them validation: few validation videos make average mAP swing by points.
+SYNTH = {"num_videos": 140, "val_fraction": 0.25, "min_duration_sec": 24.0, "max_duration_sec": 36.0,
+         "min_instance_sec": 3.0, "max_instance_sec": 6.0, "fps": 10.0, "scene": "simple"}
+SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "max_duration_sec": 16.0, "min_instance_sec": 2.0,
+               "max_instance_sec": 4.0, "fps": 8.0, "scene": "simple"}
+# Stage 1's own trimmed clips (lofi.synth.ClipSynthConfig fields), as Kinetics is the paper's stage 1.
+CLIPS = {"num_clips": 4000}
+SMOKE_CLIPS = {"num_clips": 24}
+# The clip level: F frames over a whole 2 s clip, so a window of the full level's F frames
+# (data.pretrain_clip_frames) has about the full level's frame spacing; T=1: one clip per file.
+CLIP_LEVEL_FRAMES = 8
 @dataclass(frozen=True)
 class DemoOptions:
     out: str = "demo_out"
     config: str | None = None  # default: DEFAULT_CONFIG (SMOKE_CONFIG with smoke)
     overrides: tuple[str, ...] = ()
     videos: int | None = None
+    clips: int | None = None  # stage 1's trimmed clips
     seed: int | None = None  # seeds the dataset and training (run.seed)
+    full_end_to_end: bool = True  # the third row: stage 2 at full fidelity (the upper bound LoFi approximates)
     smoke: bool = False
     overwrite: bool = False
-
-
-@dataclass
-class Stage:
-    """One stage run (or reused) by the demo: what the report needs from it."""
-
-    result: StageResult
-    key: str
-    seconds: float
-    reused: bool
 
 
 # 1. config and data --------------------------------------------------------------------------
@@ -94,8 +89,14 @@ def resolve_config(opts: DemoOptions) -> PipelineConfig:
     out = Path(opts.out).resolve()
     path = config_path(opts)
     data = load_yaml(path)
-    derived: list[tuple[str, Any]] = [("run.storage", str(out / "runs")), ("data.shards", str(out / "prepared")),
-                                      ("data.annotations", str(out / "data" / "annotations.json"))]
+    from lofi.synth import ANNOTATIONS_FILE, CLIPS_FILE, VIDEO_DIR
+
+    derived: list[tuple[str, Any]] = [
+        ("run.storage", str(out / "runs")), ("data.videos", str(out / "data" / VIDEO_DIR)),
+        ("data.annotations", str(out / "data" / ANNOTATIONS_FILE)), ("data.shards", str(out / "prepared")),
+        ("data.pretrain_videos", str(out / "clips" / VIDEO_DIR)),
+        ("data.pretrain_annotations", str(out / "clips" / CLIPS_FILE)),
+        ("data.pretrain_shards", str(out / "prepared_clips"))]
     if opts.seed is not None:
         derived.append(("run.seed", opts.seed))
     tracking = data.get("tracking", {}) or {}
@@ -118,203 +119,53 @@ def synth_config(cfg: PipelineConfig, opts: DemoOptions):
     return from_dict(SynthConfig, fields)
 
 
-def make_data(cfg: PipelineConfig, opts: DemoOptions, parent) -> dict[str, float]:
-    """Synthesise (or reuse) the videos, then prepare (or resume) the shards; return seconds."""
-    from lofi.synth import SUMMARY_FILE, generate
-    from pipelines import prepare
+def clip_synth_config(cfg: PipelineConfig, opts: DemoOptions):
+    """The stage-1 clip set: the TAL videos' frame size and rate, its own seed stream."""
+    from lofi.synth import ClipSynthConfig
 
-    data_dir = Path(cfg.data.annotations).parent
     synth = synth_config(cfg, opts)
+    fields = {**(SMOKE_CLIPS if opts.smoke else CLIPS), "size_px": synth.size_px, "fps": synth.fps,
+              "seed": cfg.run.seed}
+    if opts.clips is not None:
+        fields["num_clips"] = opts.clips
+    return from_dict(ClipSynthConfig, fields)
+
+
+def _synthesise(parent, name: str, folder: Path, summary_name: str, config: Any, make: Callable[[], Any]) -> float:
+    """Generate one synthetic set into `folder` unless the same config already made it; seconds taken."""
     start = time.perf_counter()
-    summary_file = data_dir / SUMMARY_FILE
-    with parent.child("synth", tags={"stage": "synth"}) as run:
-        if summary_file.is_file() and json.loads(summary_file.read_text()).get("config") == to_dict(synth):
-            print(f"lofi demo: reusing the dataset in {data_dir}", flush=True)
+    summary_file = folder / summary_name
+    with parent.child(name, tags={"stage": name}) as run:
+        if summary_file.is_file() and json.loads(summary_file.read_text()).get("config") == to_dict(config):
+            print(f"lofi demo: reusing the {name} output in {folder}", flush=True)
         else:
             if summary_file.is_file():
-                raise LofiError(f"{data_dir} holds a dataset made with other settings (--videos, --seed, "
+                raise LofiError(f"{folder} holds data made with other settings (--videos, --clips, --seed, "
                                 "--smoke or the full level's size_px); pass --overwrite to start over")
-            print("\n".join(generate(data_dir, synth, overwrite=True).lines()), flush=True)
-        run.log_config(synth)
-        timings = {"synth": time.perf_counter() - start}
-    start = time.perf_counter()
-    with parent.child("prepare", tags={"stage": "prepare"}) as run:
-        pcfg = prepare_config(cfg, data_dir)
-        run.log_config(pcfg)
-        result = prepare.run(pcfg)
-        if result.videos_failed:
-            raise LofiError(f"{result.videos_failed} videos failed to prepare; see {result.manifest_path}")
-        timings["prepare"] = time.perf_counter() - start
-        run.log_metrics({"videos_ok": result.videos_ok, "seconds": timings["prepare"]}, step=0)
-    return timings
+            print("\n".join(make().lines()), flush=True)
+        run.log_config(config)
+    return time.perf_counter() - start
 
 
-def prepare_config(cfg: PipelineConfig, data_dir: Path):
-    """Shards at the full level and at every level the stages read, named as the schedule names them."""
-    from lofi.fidelity import FidelitySchedule, resolve_level
-    from pipelines.prepare import PrepareConfig
+def make_data(cfg: PipelineConfig, opts: DemoOptions, parent) -> dict[str, float]:
+    """Synthesise (or reuse) the TAL videos and stage 1's clips; seconds taken by each."""
+    from lofi.synth import CLIPS_SUMMARY_FILE, SUMMARY_FILE, generate, generate_clips
 
-    names = [cfg.data.full_level, getattr(cfg.data, "pretrain_level", "") or cfg.data.full_level]
-    names += [level.name for level in FidelitySchedule(cfg.fidelity).levels()]
-    levels = []
-    for name in dict.fromkeys(names):
-        level = resolve_level(name, cfg.fidelity.overrides)
-        levels.append({"name": name, "num_snippets": level.num_snippets,
-                       "frames_per_snippet": level.frames_per_snippet, "size_px": level.size_px})
-    return from_dict(PrepareConfig, {
-        "input": {"annotations": str(data_dir / "annotations.json"), "videos": str(data_dir / "videos")},
-        "output": cfg.data.shards, "levels": levels, "num_workers": 2, "videos_per_part": 4,
-        "max_error_fraction": 0.0, "ray": to_dict(cfg.ray)})
-
-
-# 2. stages, with reuse -----------------------------------------------------------------------
-
-def stage_key(cfg: PipelineConfig, stage: str, upstream: str) -> str:
-    plain = to_dict(cfg)
-    picked = {}
-    for section in STAGES[stage][1]:
-        head, _, rest = section.partition(".")
-        picked[section] = plain[head][rest] if rest else plain[head]
-    text = json.dumps({"stage": stage, "config": picked, "upstream": upstream}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def stage_outputs(cfg: PipelineConfig, stage: str) -> list[Path]:
-    run = cfg.run.dir()
-    outputs = {"pretrain": [run / "pretrain"], "train": [run / "train"], "extract": [run / "features"],
-               "train_head": [run / "head"], "detect": [run / "detect"]}[stage]
-    return outputs + [run / "ray" / name for name in (stage, stage.replace("_", "-"))]
-
-
-def run_stage(stage: str, cfg: PipelineConfig, upstream: Stage | None, parent_run_id: str | None) -> Stage:
-    """Run `stage` unless its record says the same config and inputs already produced its outputs
-    (a stage whose input stage ran again always runs: its inputs changed)."""
-    key = stage_key(cfg, stage, upstream.key if upstream else "")
-    record = cfg.run.dir() / "demo_records" / f"{stage}.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["key"] == key and saved.get("result") and (upstream is None or upstream.reused):
-            result = StageResult(**saved["result"])
-            if all(Path(p).exists() for p in result.artifacts.values()):
-                print(f"lofi demo: reusing {cfg.run.name}/{stage} ({result.out_dir})", flush=True)
-                return Stage(result, key, saved["seconds"], reused=True)
-        if saved["key"] != key:  # other settings: a checkpoint left there must not be resumed
-            for path in stage_outputs(cfg, stage):
-                shutil.rmtree(path, ignore_errors=True)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"key": key}))
-    print(f"\n== lofi demo: {cfg.run.name}/{stage}", flush=True)
-    start = time.perf_counter()
-    result = importlib.import_module(STAGES[stage][0]).run(cfg, parent_run_id=parent_run_id)
-    seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"key": key, "seconds": seconds, "result": dataclasses.asdict(result)}))
-    return Stage(result, key, seconds, reused=False)
-
-
-def run_branches(cfg: PipelineConfig, parent_run_id: str | None) -> dict[str, dict[str, Stage]]:
-    """Stage 1, then the baseline and the LoFi branch, both from the stage-1 encoder."""
-    stage1 = run_stage("pretrain", replace(cfg, [("run.name", "stage1")]), None, parent_run_id)
-    encoder1 = stage1.result.artifacts["encoder"]
-    branches: dict[str, dict[str, Stage]] = {"baseline": {"pretrain": stage1}, "lofi": {"pretrain": stage1}}
-    lofi_cfg = replace(cfg, [("run.name", "lofi"), ("encoder.checkpoint", encoder1)])
-    # Stage 2 keeps stage 1's BatchNorm statistics: its levels differ in frame size, and
-    # statistics re-estimated at the last level's size would not fit full-fidelity extraction.
-    train = run_stage("train", replace(lofi_cfg, [("encoder.freeze_bn", True)]), stage1, parent_run_id)
-    branches["lofi"]["train"] = train
-    inputs = {"baseline": (replace(cfg, [("run.name", "baseline"), ("encoder.checkpoint", encoder1)]), stage1),
-              "lofi": (replace(lofi_cfg, [("encoder.checkpoint", train.result.artifacts["encoder"])]), train)}
-    for name, (branch_cfg, upstream) in inputs.items():
-        for stage in ("extract", "train_head", "detect"):
-            upstream = branches[name][stage] = run_stage(stage, branch_cfg, upstream, parent_run_id)
-    return branches
-
-
-# 3. memory and report ------------------------------------------------------------------------
-
-def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Stage]]) -> dict[str, Any]:
-    """Saved-tensor bytes of one training step (per worker): head-only, LoFi, and full fidelity end to end.
-
-    Head-only (baseline): the head's step on full-level features (the frozen encoder saves
-    nothing). End to end: encoder + head at each level, from lofi.memory's planner (meta
-    device, exact); LoFi uses stage 2's own measurement when it reports one.
-    """
-    import torch
-
-    from lofi.fidelity import FidelitySchedule, resolve_level
-    from lofi.heads import build_head, head_loss
-    from lofi.memory import measure_head, synthetic_targets
-    from lofi.memory_cli import PlanMemoryConfig, run as plan
-    from lofi.models.resnet import STAGES as ENCODER_STAGES
-    from pipelines.features import read_features_manifest
-
-    manifest = read_features_manifest(branches["baseline"]["extract"].result.out_dir)
-    dim, num_classes = manifest["feature_dim"], len(manifest["labels"])
-    full = resolve_level(cfg.data.full_level, cfg.fidelity.overrides)
-    head_batch = cfg.train_head.per_worker_batch(cfg.scaling.num_workers)
-    head = build_head(cfg.head, dim, full.num_snippets, num_classes)
-    targets = synthetic_targets(head_batch, full.num_snippets, cfg.head.resolved_max_duration(full.num_snippets),
-                                num_classes, region_snippets=cfg.head.boundary_region_snippets)
-    head_only = measure_head(head, dim, full.num_snippets, targets, lambda out, t: head_loss(cfg.head, out, t),
-                             head_batch).saved_bytes
-    levels = [level.name for level in FidelitySchedule(cfg.fidelity).levels()]
-    amp = cfg.encoder.amp_dtype if cfg.encoder.amp_dtype != "fp16" or torch.cuda.is_available() else "none"
-    ckpt = tuple(cfg.encoder.activation_checkpointing)
-    rows = plan(PlanMemoryConfig(
-        model=dataclasses.replace(cfg.encoder, checkpoint=None), head=cfg.head, num_classes=num_classes,
-        levels=tuple(dict.fromkeys([*levels, full.name])), level_overrides=dict(cfg.fidelity.overrides),
-        checkpointing=(bool(ckpt),), checkpoint_stages=ckpt or ENCODER_STAGES, amp=(amp,),
-        device="cuda" if amp == "fp16" else "auto"))
-    batch = cfg.train.per_worker_batch(cfg.scaling.num_workers)
-    planned = {row.level.name: row.memory.saved_bytes(batch) for row in rows}
-    measured = branches["lofi"]["train"].result.metrics.get("activation_memory_bytes")
-    return {"baseline": head_only, "lofi": int(measured) if measured else max(planned[n] for n in levels),
-            "full_fidelity_end_to_end": planned[full.name], "planned_per_level": planned,
-            "lofi_source": "stage 2 measurement" if measured else "lofi.memory planner",
-            "batch_per_worker": {"train": batch, "train_head": head_batch}}
-
-
-def branch_report(stages: dict[str, Stage], memory_bytes: int) -> dict[str, Any]:
-    detect = stages["detect"].result
-    scores = json.loads(Path(detect.artifacts["eval"]).read_text())
-    return {"tiou_thresholds": scores["tiou_thresholds"], "mAP": scores["mAP"], "average_mAP": scores["average_mAP"],
-            "activation_memory_bytes": memory_bytes,
-            "stage_seconds": {name: round(s.seconds, 2) for name, s in stages.items()},
-            "reused_stages": [name for name, s in stages.items() if s.reused],
-            "num_validation_videos": scores["num_videos"], "predictions": detect.artifacts["predictions"],
-            "eval": detect.artifacts["eval"],
-            "mlflow_run_ids": {name: s.result.mlflow_run_id for name, s in stages.items()}}
-
-
-def _at(branch: dict[str, Any], tiou: float) -> str:
-    for t, m in zip(branch["tiou_thresholds"], branch["mAP"]):
-        if abs(t - tiou) < 1e-6:
-            return f"{100 * m:6.2f}%"
-    return f"{'-':>7}"
-
-
-def table_lines(report: dict[str, Any]) -> list[str]:
-    mib = 2**20
-    lines = [f"{'':<18}{'avg mAP':>9}{'mAP@.5':>9}{'mAP@.75':>9}{'mAP@.95':>9}{'act. memory':>14}   wall time per stage (s)"]
-    for name, title in (("baseline", "baseline (frozen)"), ("lofi", "LoFi (stage 2)")):
-        b = report[name]
-        times = ", ".join(f"{k} {v:.0f}" + ("*" if k in b["reused_stages"] else "") for k, v in b["stage_seconds"].items())
-        lines.append(f"{title:<18}{100 * b['average_mAP']:8.2f}%{_at(b, 0.5):>9}{_at(b, 0.75):>9}{_at(b, 0.95):>9}"
-                     f"{b['activation_memory_bytes'] / mib:10.1f} MiB   {times}")
-    m = report["memory"]
-    lines.append(f"full fidelity end to end would save {report['full_fidelity_activation_memory_bytes'] / mib:.1f} MiB "
-                 f"of activations per step ({m['batch_per_worker']['train']} videos per worker; LoFi: "
-                 f"{m['lofi_source']}; baseline: the head's training step, the frozen encoder saves nothing)")
-    lines.append(f"data: synth {report['data_seconds']['synth']:.0f} s, prepare {report['data_seconds']['prepare']:.0f} s; "
-                 f"total {report['total_seconds']:.0f} s" + ("; * = reused from an earlier run" if any(
-                     report[b]["reused_stages"] for b in ("baseline", "lofi")) else ""))
-    return lines
+    data_dir, clips_dir = Path(cfg.data.videos).parent, Path(cfg.data.pretrain_videos).parent
+    synth, clips = synth_config(cfg, opts), clip_synth_config(cfg, opts)
+    return {
+        "synth": _synthesise(parent, "synth", data_dir, SUMMARY_FILE, synth,
+                             lambda: generate(data_dir, synth, overwrite=True)),
+        "synth_clips": _synthesise(parent, "synth_clips", clips_dir, CLIPS_SUMMARY_FILE, clips,
+                                   lambda: generate_clips(clips_dir, clips, overwrite=True)),
+    }
 
 
 # 4. entry points -----------------------------------------------------------------------------
 
 def clear_outputs(out: Path) -> None:
     """--overwrite: remove what earlier runs wrote (the MLflow database keeps their history)."""
-    for name in ("data", "prepared", "runs", "report.json"):
+    for name in ("data", "clips", "prepared", "prepared_clips", "runs", "report.json"):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -324,8 +175,8 @@ def clear_outputs(out: Path) -> None:
 
 def run(opts: DemoOptions) -> dict[str, Any]:
     """The whole demo; returns the report (also written to OUT/report.json)."""
-    from pipelines.plots import memory_vs_map
-    from pipelines.tracking import Tracker, mlflow_ui_command
+    from pipelines import pipeline
+    from pipelines.tracking import Tracker
 
     start = time.perf_counter()
     cfg = resolve_config(opts)
@@ -336,27 +187,14 @@ def run(opts: DemoOptions) -> dict[str, Any]:
     with Tracker.start(cfg.tracking, cfg.run.name, tags={"stage": "demo", "lofi.out_dir": str(out)}) as parent:
         parent.log_config(cfg)
         data_seconds = make_data(cfg, opts, parent)
-        branches = run_branches(cfg, parent.run_id)
-        memory = activation_memory(cfg, branches)
-        report = {name: branch_report(branches[name], memory[name]) for name in ("baseline", "lofi")}
-        report.update({"full_fidelity_activation_memory_bytes": memory["full_fidelity_end_to_end"], "memory": memory,
-                       "data_seconds": {k: round(v, 2) for k, v in data_seconds.items()},
-                       "total_seconds": round(time.perf_counter() - start, 2), "out_dir": str(out),
-                       "mlflow": {"parent_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
-                                  "ui": mlflow_ui_command(cfg.tracking)}})
-        (out / "report.json").write_text(json.dumps(report, indent=1))
-        parent.log_metrics({f"{b}_{k}": report[b][k] for b in ("baseline", "lofi")
-                            for k in ("average_mAP", "activation_memory_bytes")}, step=0)
-        parent.log_artifact(str(out / "report.json"))
-        parent.log_figure(memory_vs_map([("baseline (frozen)", memory["baseline"], report["baseline"]["average_mAP"]),
-                                         ("LoFi", memory["lofi"], report["lofi"]["average_mAP"])]),
-                          "plots/memory_vs_map.png")
-    print("\n".join(["", f"lofi demo: done in {report['total_seconds']:.0f} s", *table_lines(report), "",
-                     f"MLflow: parent run {report['mlflow']['parent_run_id']} in experiment {cfg.tracking.experiment!r} "
-                     "(stages are its child runs); browse with:", f"  {report['mlflow']['ui']}",
-                     f"files in {out}: report.json; data/ (videos, annotations.json); prepared/ (shards); "
-                     "runs/stage1/pretrain/encoder.pt; runs/{baseline,lofi}/ features/, head/model.pt, "
-                     "detect/predictions.json, detect/eval.json; runs/lofi/train/ (stage 2 encoder and model)"]),
+        report = pipeline.run(cfg, pipeline.PipelineOptions(baseline=True, full_end_to_end=opts.full_end_to_end,
+                                                            log_prefix="lofi demo"), parent, data_seconds)
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"lofi demo: report in {out / 'report.json'}; files in {out}: data/ (videos, annotations.json), clips/ "
+          "(stage 1's clips, clips.csv), prepared/ and prepared_clips/ (shards), "
+          f"runs/{cfg.run.name}/ (stage1/pretrain/encoder.pt; baseline/, lofi/, full_end_to_end/ with features/, "
+          "head/model.pt, detect/predictions.json, detect/eval.json; lofi/train/, full_end_to_end/train/: stage 2)",
           flush=True)
     return report
 
@@ -383,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--videos", type=int, metavar="N",
                         help=f"number of synthetic videos (default {SYNTH['num_videos']}, with --smoke "
                              f"{SMOKE_SYNTH['num_videos']}); 20%% of them are validation videos")
+    parser.add_argument("--clips", type=int, metavar="N",
+                        help=f"number of stage 1's synthetic trimmed clips (default {CLIPS['num_clips']}, with --smoke "
+                             f"{SMOKE_CLIPS['num_clips']})")
+    parser.add_argument("--no-full-end-to-end", dest="full_end_to_end", action="store_false",
+                        help="skip the third row, stage 2 at full fidelity (the upper bound LoFi approximates; on a "
+                             "GPU it may not fit in memory, which is the point of LoFi)")
     parser.add_argument("--seed", type=int, metavar="S",
                         help="seed of the synthetic dataset and of training (run.seed; default: the config's)")
     parser.add_argument("--smoke", action="store_true",
@@ -400,5 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.videos is not None and args.videos < 2:
         raise LofiError("--videos must be at least 2 (a training and a validation video)")
     run(DemoOptions(out=args.out, config=args.config, overrides=tuple(args.overrides), videos=args.videos,
-                    seed=args.seed, smoke=args.smoke, overwrite=args.overwrite))
+                    clips=args.clips, seed=args.seed, smoke=args.smoke, overwrite=args.overwrite,
+                    full_end_to_end=args.full_end_to_end))
     return 0

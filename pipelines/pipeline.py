@@ -173,9 +173,12 @@ def prepare_configs(cfg: PipelineConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     full = resolve_level(cfg.data.full_level, cfg.fidelity.overrides)
 
-    def make(annotations: str, videos: str, output: str, levels: list[dict[str, Any]], per_part: int) -> Any:
+    def make(annotations: str, videos: str, output: str, levels: list[dict[str, Any]], per_part: int,
+             subsets: tuple[str, ...] = ()) -> Any:
+        levels = [{**level, "storage": cfg.prepare.storage} for level in levels]
         return from_dict(PrepareConfig, {
-            "input": {"annotations": annotations, "videos": videos, "metadata": cfg.prepare.metadata},
+            "input": {"annotations": annotations, "videos": videos, "metadata": cfg.prepare.metadata,
+                      "subsets": list(subsets)},
             "output": output, "levels": levels, "num_workers": cfg.prepare.num_workers,
             "videos_per_part": per_part, "max_error_fraction": cfg.prepare.max_error_fraction,
             "ray": to_dict(cfg.ray)})
@@ -188,7 +191,7 @@ def prepare_configs(cfg: PipelineConfig) -> dict[str, Any]:
             levels.append({"name": name, "num_snippets": level.num_snippets,
                            "frames_per_snippet": level.frames_per_snippet, "size_px": level.size_px})
         out["prepare"] = make(cfg.data.annotations, cfg.data.videos, cfg.data.shards, levels,
-                              cfg.prepare.videos_per_part)
+                              cfg.prepare.videos_per_part, cfg.prepare.subsets)
     if cfg.data.pretrain_annotations:
         clip = {"name": "clip", "num_snippets": 1, "size_px": full.size_px,
                 "frames_per_snippet": max(cfg.prepare.clip_frames_per_snippet, full.frames_per_snippet)}
@@ -391,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "change and resumes an interrupted one.",
         epilog="Config: a pipeline YAML (deploy/configs/pipeline/*.yaml). Keys the pipeline adds to the stages': "
                "data.videos, data.pretrain_videos, data.pretrain_annotations, prepare.* (num_workers, "
-               "videos_per_part, max_error_fraction, clip_frames_per_snippet, clip_videos_per_part, metadata). On a "
+               "videos_per_part, max_error_fraction, clip_frames_per_snippet, clip_videos_per_part, metadata, "
+               "subsets, storage uint8|jpeg). On a "
                "cluster: ray job submit --runtime-env deploy/runtime_env.yaml --working-dir . -- lofi pipeline "
                "--config deploy/configs/pipeline/anet_tsm_r18_gtad_c_lofi_long.yaml (see deploy/README.md).")
     add_config_arguments(parser)

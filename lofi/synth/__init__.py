@@ -1,41 +1,50 @@
-"""The demo dataset: synthetic untrimmed videos whose action classes only motion can tell apart.
+"""The demo dataset: synthetic videos whose action classes only motion can tell apart.
 
-Every video shows a static textured background (a two-colour gradient plus stripes, a
-checkerboard or soft blobs, drawn per video) and 3-6 objects: 2-4 possible actors and 1-2
-distractors. Shapes (square, bar, triangle, cross, ellipse) and colours come from one shared
-pool for every class and for the background, and object sizes span the same range
-everywhere, so no single frame shows which action, if any, is going on.
+Six motion classes (``MOTION_CLASSES``): ``move_left``, ``move_right``, ``rotate``, ``grow``,
+``shrink``, ``bounce``. Shapes (square, bar, triangle, cross, ellipse), colours and sizes are
+drawn independently of the class, so no single frame shows which action, if any, is going on.
+Two kinds of untrimmed videos (``SynthConfig.scene``), written with ActivityNet-v1.3
+annotations by ``generate`` / ``lofi synth``:
 
-Outside actions the actors are static or wander slowly (at most 2.5 px/s at 128 px), and the
-distractors glide all the time on curved paths (5-14 px/s) while spinning slowly (under
-20 deg/s). During an action instance one actor performs one of six motion classes:
+- ``simple`` (default, ``lofi.synth.simple``): a plain muted background and one object per
+  action instance, each acting exactly once and static otherwise, objects apart at rest,
+  radius 5-15 px at 64 px; motions chosen to stay unambiguous when a 24-36 s video is sampled
+  sparsely (rotate 40-60 deg/s, move 12-24 px/s at 64 px, bounce hops of 2-4 s, grow/shrink
+  one monotonic x3 sweep across the instance). A small encoder trained from scratch can learn
+  these.
+- ``cluttered`` (``lofi.synth.scene``), a stress test: a textured background, 2-4 actors plus
+  1-2 distractors gliding and spinning all the time, fast motions (rotate 90-180 deg/s,
+  bounce hops of 0.6-1.2 s, grow/shrink sweeps that snap back), radius 4-10 px at 64 px.
 
-- ``move_left`` / ``move_right``: translates horizontally at 22-40 px/s (the scene wraps
-  around, so it re-enters at the other edge);
-- ``rotate``: spins at 90-180 deg/s, either direction;
-- ``grow``: its size sweeps from the smallest to the largest object size in 1-2.5 s, then
-  snaps back and sweeps again;
-- ``shrink``: the same in reverse (large to small, snap back);
-- ``bounce``: hops up and down, 14-30 px high, 0.6-1.2 s per hop.
+Each video lasts ``min_duration_sec``-``max_duration_sec`` (uniform) and holds at least two
+non-overlapping instances of ``min_instance_sec``-``max_instance_sec`` with at least 1 s of
+background before, between and after them; actions fill about 30-60% of it. Defaults: 64 px,
+10 fps, 24-36 s videos, 3-6 s instances.
 
-(Distances are for 128 px frames and scale with ``size_px``.) Each video lasts
-``min_duration_sec``-``max_duration_sec`` (uniform), holds at least two non-overlapping
-instances of 1-20 s with at least 1 s of background before, between and after them, and
-actions fill about 30-60% of it. Defaults are 128 px and 10 fps: enough to see every motion
-class, cheap to decode and train on a CPU.
-
-Entry points: ``generate(out_dir, SynthConfig(...)) -> SynthSummary`` and ``lofi synth``.
+``generate_clips`` / ``lofi synth-clips`` write trimmed clips of the same simple-scene motions
+for stage-1 pre-training (Kinetics-style CSV, ``lofi.synth.clips``). Both generators give the
+same bytes for the same seed on any machine (``lofi.synth.encode``).
 """
 
+from lofi.synth.clips import (
+    CLIP_VIDEO_DIR,
+    CLIPS_FILE,
+    CLIPS_SUMMARY_FILE,
+    ClipSummary,
+    ClipSynthConfig,
+    generate_clips,
+    plan_clips,
+)
 from lofi.synth.generate import (
     ANNOTATIONS_FILE,
     CORRUPT_KINDS,
+    SCENES,
     SUMMARY_FILE,
     VIDEO_DIR,
     SynthConfig,
     SynthSummary,
-    generate,
     VideoPlan,
+    generate,
     make_scene,
     plan_dataset,
     video_id,
@@ -44,15 +53,23 @@ from lofi.synth.scene import MOTION_CLASSES
 
 __all__ = [
     "ANNOTATIONS_FILE",
+    "CLIPS_FILE",
+    "CLIPS_SUMMARY_FILE",
+    "CLIP_VIDEO_DIR",
     "CORRUPT_KINDS",
     "MOTION_CLASSES",
+    "SCENES",
     "SUMMARY_FILE",
     "VIDEO_DIR",
+    "ClipSummary",
+    "ClipSynthConfig",
     "SynthConfig",
     "SynthSummary",
-    "generate",
     "VideoPlan",
+    "generate",
+    "generate_clips",
     "make_scene",
+    "plan_clips",
     "plan_dataset",
     "video_id",
 ]

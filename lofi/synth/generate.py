@@ -8,18 +8,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Literal, get_args
 
-import av
 import numpy as np
 from tqdm import tqdm
 
 from lofi.config import ConfigError, to_dict
 from lofi.errors import LofiError
+from lofi.synth.encode import encode_video
 from lofi.synth.render import make_background, render_frames
-from lofi.synth.scene import MIN_GAP_SEC, MOTION_CLASSES, Scene, build_scene, layout_instances
+from lofi.synth.scene import MIN_GAP_SEC, MOTION_CLASSES, Scene, build_cluttered_scene, layout_instances
+from lofi.synth.simple import build_simple_scene
 
 CORRUPT_KINDS: tuple[str, ...] = ("truncated", "zero_bytes", "not_a_video")
+SceneKind = Literal["simple", "cluttered"]
+SCENES: tuple[str, ...] = get_args(SceneKind)
 ANNOTATIONS_FILE = "annotations.json"
 SUMMARY_FILE = "synth_summary.json"
 VIDEO_DIR = "videos"
@@ -27,16 +30,22 @@ VIDEO_DIR = "videos"
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Size and shape of the demo dataset; the defaults are the demo job's (cheap CPU training)."""
+    """Size and shape of the demo dataset; the defaults suit the demo job (cheap CPU training).
+
+    The simple scenes' motion ranges are made for 24-36 s videos sampled at the demo's levels
+    (see `lofi.synth.simple`). The cluttered scenes as they were first made come back with
+    scene=cluttered, size_px=128, durations 20-120 s and instances 1-20 s.
+    """
 
     num_videos: int = 40  # intact videos; corrupt ones come on top
     seed: int = 0
-    size_px: int = 128  # square frames; even, as yuv420p needs
+    scene: SceneKind = "simple"
+    size_px: int = 64  # square frames; even, as yuv420p needs
     fps: float = 10.0  # low on purpose: motion classes read well at 10 fps and decoding stays cheap
-    min_duration_sec: float = 20.0
-    max_duration_sec: float = 120.0
-    min_instance_sec: float = 1.0
-    max_instance_sec: float = 20.0
+    min_duration_sec: float = 24.0
+    max_duration_sec: float = 36.0
+    min_instance_sec: float = 3.0
+    max_instance_sec: float = 6.0
     val_fraction: float = 0.2
     num_corrupt: int = 0  # damaged files added on top of num_videos, listed in the annotations
     crf: int = 26  # x264 quality: lower is better and bigger
@@ -47,6 +56,8 @@ class SynthConfig:
             problems.append(f"num_videos={self.num_videos}: needs at least 1 video")
         if self.seed < 0:
             problems.append(f"seed={self.seed}: use a seed >= 0")
+        if self.scene not in SCENES:
+            problems.append(f"scene={self.scene!r}: use one of {', '.join(SCENES)}")
         if self.size_px < 32 or self.size_px % 2:
             problems.append(f"size_px={self.size_px}: use an even size of at least 32 (yuv420p needs even sides)")
         if not 1 <= self.fps <= 120:
@@ -162,35 +173,12 @@ def plan_dataset(cfg: SynthConfig) -> list[VideoPlan]:
 
 
 def make_scene(cfg: SynthConfig, plan: VideoPlan) -> tuple[Scene, np.ndarray]:
-    """The scene and background texture (H, W, 3) of one planned video."""
+    """The scene and background (H, W, 3) of one planned video."""
     rng = np.random.default_rng([cfg.seed, plan.index, 1])
-    scene = build_scene(rng, plan.num_frames, cfg.fps, cfg.size_px, plan.actions)
+    if cfg.scene == "simple":
+        return build_simple_scene(rng, plan.num_frames, cfg.fps, cfg.size_px, plan.actions)
+    scene = build_cluttered_scene(rng, plan.num_frames, cfg.fps, cfg.size_px, plan.actions)
     return scene, make_background(rng, cfg.size_px)
-
-
-def encode_video(path: Path, frames: Iterable[np.ndarray], cfg: SynthConfig) -> int:
-    """H.264 mp4 (yuv420p, GOP of 2 s so decord seeks cheaply); returns the frame count.
-
-    One encoder thread: the generator is a one-core job by design, and a single x264 thread
-    keeps the bitstream identical run to run.
-    """
-    rate = cfg.frame_rate()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width = stream.height = cfg.size_px
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = max(1, round(2 * cfg.fps))
-        stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": str(cfg.crf)}
-        count = 0
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video_frame.pts = count
-            video_frame.time_base = 1 / rate
-            container.mux(stream.encode(video_frame))
-            count += 1
-        container.mux(stream.encode(None))
-    return count
 
 
 def write_corrupt(path: Path, kind: str) -> None:
@@ -223,13 +211,16 @@ def annotation_entry(scene: Scene, subset: str) -> dict[str, Any]:
     }
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+def prepare_out_dir(out_dir: Path, overwrite: bool, pattern: str = "synth_*.mp4",
+                    index_file: str = ANNOTATIONS_FILE, what: str = "a dataset") -> Path:
+    """OUT/videos ready for writing: refuses to mix with an earlier set unless `overwrite`, which
+    deletes its videos matching `pattern`."""
     video_dir = out_dir / VIDEO_DIR
     if out_dir.exists() and not out_dir.is_dir():
-        raise LofiError(f"{out_dir} is a file; give a folder to write the dataset into")
-    old_videos = sorted(video_dir.glob("synth_*.mp4")) if video_dir.is_dir() else []
-    if (old_videos or (out_dir / ANNOTATIONS_FILE).exists()) and not overwrite:
-        raise LofiError(f"{out_dir} already holds a dataset ({ANNOTATIONS_FILE} or {VIDEO_DIR}/synth_*.mp4); "
+        raise LofiError(f"{out_dir} is a file; give a folder to write {what} into")
+    old_videos = sorted(video_dir.glob(pattern)) if video_dir.is_dir() else []
+    if (old_videos or (out_dir / index_file).exists()) and not overwrite:
+        raise LofiError(f"{out_dir} already holds {what} ({index_file} or {VIDEO_DIR}/{pattern}); "
                         "choose an empty folder or pass --overwrite to replace it")
     for path in old_videos:
         path.unlink()
@@ -240,17 +231,18 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
 def generate(out_dir: str | Path, cfg: SynthConfig, overwrite: bool = False, progress: bool = True) -> SynthSummary:
     """Write OUT/videos/<id>.mp4, OUT/annotations.json and OUT/synth_summary.json."""
     out_dir = Path(out_dir)
-    video_dir = _prepare_out_dir(out_dir, overwrite)
+    video_dir = prepare_out_dir(out_dir, overwrite)
     plans = plan_dataset(cfg)
     database: dict[str, Any] = {}
     per_class: Counter[str] = Counter()
     num_frames = bytes_written = 0
     started, cpu_started = time.perf_counter(), time.process_time()
-    for plan in tqdm(plans, desc="synth", unit="video", disable=not progress):
+    for plan in tqdm(plans, desc="synth", unit="video", disable=None if progress else True):
         path = video_dir / f"{plan.video_id}.mp4"
         scene, background = make_scene(cfg, plan)
         if plan.corrupt_kind in (None, "truncated"):
-            num_frames += encode_video(path, render_frames(scene, background), cfg)
+            num_frames += encode_video(path, render_frames(scene, background), cfg.size_px, cfg.frame_rate(),
+                                       cfg.crf, gop_frames=round(2 * cfg.fps))
         if plan.corrupt_kind:
             write_corrupt(path, plan.corrupt_kind)
         bytes_written += path.stat().st_size

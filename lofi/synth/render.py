@@ -1,4 +1,4 @@
-"""Drawing frames of a synthetic scene with numpy: one background texture per video, shapes via masks.
+"""Drawing frames of a synthetic scene with numpy: one static background per video, shapes via masks.
 
 A frame costs one background copy plus a small masked patch per object, which keeps rendering
 well above real time on one core.
@@ -30,8 +30,17 @@ def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     return 0.5 * colour + 0.5 * colour.mean()
 
 
+def make_plain_background(rng: np.random.Generator, size_px: int) -> np.ndarray:
+    """Simple scenes: one muted colour (H, W, 3) uint8 with a barely visible gradient (under 9 levels either way)."""
+    yy, xx = np.mgrid[0:size_px, 0:size_px] / max(size_px - 1, 1) - 0.5  # (H, W) each, in [-0.5, 0.5]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * xx + np.sin(angle) * yy
+    image = _muted_colour(rng) + rng.uniform(-12.0, 12.0, size=3) * ramp[..., None]  # (H, W, C)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
 def make_background(rng: np.random.Generator, size_px: int) -> np.ndarray:
-    """A static texture (H, W, 3) uint8: a two-colour gradient plus a low-contrast pattern."""
+    """Cluttered scenes: a static texture (H, W, 3) uint8, a two-colour gradient plus a low-contrast pattern."""
     yy, xx = np.mgrid[0:size_px, 0:size_px] / size_px
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)

@@ -1,4 +1,8 @@
-"""What happens in one synthetic video: the action layout and every object's trajectory.
+"""What happens in one synthetic video: the action layout, and every object's trajectory in a cluttered scene.
+
+The scene types (`Scene`, `Instance`, `SceneObject`), the class list and the instance layout
+are shared with the simple scenes of `lofi.synth.simple`; the rest of this module builds the
+cluttered scenes (`scene: cluttered`, described in `lofi.synth`), kept as a stress test.
 
 Distances are in pixels of a 128 px reference frame and scaled by `size_px / 128`, speeds are
 per second, so the same class looks the same at any size and frame rate. The scene wraps
@@ -24,6 +28,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 REFERENCE_PX = 128.0
+MIN_GAP_SEC = 1.0  # background before, between and after instances
+# Cluttered scenes only (the simple scenes' ranges are in lofi.synth.simple):
 RADIUS_RANGE_PX = (8.0, 20.0)  # every object's size, idle or acting, stays in this range
 DRIFT_MAX_PX_PER_SEC = 2.5  # idle objects: static or a slow wander
 DISTRACTOR_SPEED_PX_PER_SEC = (5.0, 14.0)  # peak speed of a distractor's curved path
@@ -33,7 +39,6 @@ ROTATE_DEG_PER_SEC = (90.0, 180.0)
 SIZE_CYCLE_SEC = (1.0, 2.5)  # grow / shrink: one sweep across the whole size range
 BOUNCE_HEIGHT_PX = (14.0, 30.0)
 BOUNCE_PERIOD_SEC = (0.6, 1.2)
-MIN_GAP_SEC = 1.0  # background before, between and after instances
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def _distractor_increments(
     }
 
 
-def build_scene(
+def build_cluttered_scene(
     rng: np.random.Generator, num_frames: int, fps: float, size_px: int, actions: Sequence[tuple[int, int, str]]
 ) -> Scene:
     """Draw objects, give each action `(start_frame, end_frame, label)` an actor, integrate every trajectory."""
@@ -204,6 +209,13 @@ def build_scene(
         for k in tracks:
             tracks[k][i] = start[k] + np.cumsum(inc[k])
     log_min, log_max = np.log(np.array(RADIUS_RANGE_PX) * scale)
+    tracks["log_radius"] = log_min + np.mod(tracks["phase"], 1.0) * (log_max - log_min)
+    return wrapped_scene(size_px, fps, instances, objects, tracks)
+
+
+def wrapped_scene(size_px: int, fps: float, instances: tuple[Instance, ...], objects: tuple[SceneObject, ...],
+                  tracks: dict[str, np.ndarray]) -> Scene:
+    """A Scene from integrated tracks (O, N) of x, y, angle and log radius; positions wrap around the frame."""
     return Scene(
         size_px=size_px,
         fps=fps,
@@ -212,5 +224,5 @@ def build_scene(
         x_px=np.mod(tracks["x"], size_px),
         y_px=np.mod(tracks["y"], size_px),
         angle_rad=tracks["angle"],
-        radius_px=np.exp(log_min + np.mod(tracks["phase"], 1.0) * (log_max - log_min)),
+        radius_px=np.exp(tracks["log_radius"]),
     )

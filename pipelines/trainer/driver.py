@@ -54,7 +54,7 @@ def table_dataset(table: Any) -> Any:
 def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
         datasets: dict[str, Any]) -> Any:
     """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
     from ray.train.v2.api.exceptions import TrainingFailedError
@@ -68,7 +68,10 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=stage, storage_path=cfg.run.ray_storage(),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             # Ray Train's INFO lines (every report's full metrics dict, process group set-up)
+                             # would bury the one progress line per epoch the loop prints
+                             logging_config=LoggingConfig(log_level="WARNING")))
     try:
         return trainer.fit()
     except TrainingFailedError as err:

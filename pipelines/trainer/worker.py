@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import resource
@@ -129,6 +130,7 @@ def _setup(stage: StageLoop, ctx: WorkerContext) -> _Parts:
 
 def worker_loop(stage: StageLoop, config: dict[str, Any]) -> None:
     """The per-worker training function of every stage (see the module docstring)."""
+    quiet_report_log()
     ctx = make_context(config)
     parts = _setup(stage, ctx)
     if parts.rng is not None:
@@ -149,6 +151,17 @@ def worker_loop(stage: StageLoop, config: dict[str, Any]) -> None:
         if ctx.rank == 0:
             say(progress_line(stage, ctx.optim.epochs, metrics))
         _report(stage, ctx, parts, epoch, metrics)
+
+
+def quiet_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO from the worker, through a logger
+    named after its source file, so RunConfig's logging level does not reach it; the loop prints
+    its own line per epoch instead."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its log line stays
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""`lofi synth`: real decodable videos, honest annotations, determinism, corrupt files, temporal classes."""
+"""`lofi synth`: real decodable videos, honest annotations, determinism, corrupt files, temporal classes.
+
+The small dataset is made of simple scenes (the default); tests/lofi/test_synth_simple.py checks
+their motions, test_synth_clips.py the trimmed clips, test_synth_encode.py the encoder.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lofi.synth import MOTION_CLASSES, SynthConfig, generate
+from lofi.synth import MOTION_CLASSES, SynthConfig, generate, make_scene, plan_dataset
 from lofi.synth.scene import layout_instances
 from pipelines.cli import main as lofi_main
 
@@ -71,7 +75,7 @@ def test_videos_decode_with_the_annotated_length_and_segments_inside(small_datas
         segments = sorted(a["segment"] for a in entry["annotations"])
         for start, end in segments:
             assert 0 < start < end <= decoded_sec - 1.0  # background before and after every instance
-            assert 1.0 - 1e-6 <= end - start <= 20.0 + 1e-6
+            assert 3.0 - 1e-6 <= end - start <= 6.0 + 1e-6  # the default instance lengths
         for (_, end), (next_start, _) in zip(segments, segments[1:]):
             assert next_start - end >= 1.0 - 1e-6  # no overlap, background between instances
 
@@ -93,13 +97,27 @@ def test_corrupt_files_fail_to_open_and_are_listed(small_dataset):
             assert len(decord.VideoReader(str(path))) > 0
 
 
-def test_same_seed_same_dataset_other_seed_differs(small_dataset, tmp_path):
+def same_files(first: Path, second: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Relative paths of every file under `first`, after checking `second` holds the same bytes."""
+    names = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file())
+    for name in names:
+        if name not in skip:
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    return names
+
+
+def test_same_seed_same_bytes_and_frames_other_seed_differs(small_dataset, tmp_path):
     again = run_synth(tmp_path / "again", "--seed", "7", "--corrupt", "3")
     assert again == json.loads((small_dataset / "annotations.json").read_text())
+    # Every video byte for byte (the summary differs only in its timings), and every frame decoded.
+    same_files(small_dataset, tmp_path / "again", skip=("synth_summary.json",))
+    for vid in intact(small_dataset):
+        first, _ = decode_all(small_dataset / "videos" / f"{vid}.mp4")
+        second, _ = decode_all(tmp_path / "again" / "videos" / f"{vid}.mp4")
+        assert np.array_equal(first, second), vid
     vid = next(iter(intact(small_dataset)))
     first, _ = decode_all(small_dataset / "videos" / f"{vid}.mp4")
-    second, _ = decode_all(tmp_path / "again" / "videos" / f"{vid}.mp4")
-    assert np.array_equal(first, second)
     other = run_synth(tmp_path / "other", "--seed", "8")
     assert other["database"] != again["database"]
     third, _ = decode_all(tmp_path / "other" / "videos" / f"{vid}.mp4")
@@ -147,7 +165,7 @@ def test_default_size_summary_and_generate_api(tmp_path):
     cfg = SynthConfig(num_videos=1, min_duration_sec=20, max_duration_sec=20, val_fraction=0.0)
     summary = generate(tmp_path / "one", cfg, progress=False)
     frames, fps = decode_all(tmp_path / "one" / "videos" / "synth_00000.mp4")
-    assert frames.shape == (200, 128, 128, 3) and fps == pytest.approx(10.0)  # 20 s at the 10 fps default
+    assert frames.shape == (200, 64, 64, 3) and fps == pytest.approx(10.0)  # 20 s at the 10 fps, 64 px default
     assert summary.num_frames == 200 and summary.total_duration_sec == pytest.approx(20.0)
     assert summary.subsets == {"training": 1, "validation": 0}
     assert summary.bytes_written == (tmp_path / "one" / "videos" / "synth_00000.mp4").stat().st_size
@@ -198,3 +216,23 @@ def test_layout_keeps_instances_apart_and_inside(duration_sec, fps, min_instance
     # Whole frames: above the maximum only when no whole-frame length fits between min and max.
     longest_sec = max(max_instance_sec, np.ceil(min_instance_sec * fps - 1e-9) / fps)
     assert (lengths_sec <= longest_sec + 1e-9).all()
+
+
+def test_cluttered_scenes_stay_available_as_a_stress_test():
+    cfg = SynthConfig(num_videos=3, scene="cluttered", seed=2)
+    for plan in plan_dataset(cfg):
+        scene, background = make_scene(cfg, plan)
+        # Distractors that move all the time, and more actors to pick from than instances need.
+        assert any(o.is_distractor for o in scene.objects)
+        distractors = [i for i, o in enumerate(scene.objects) if o.is_distractor]
+        assert (np.diff(scene.x_px[distractors], axis=1) != 0).mean() > 0.9
+        assert background.reshape(-1, 3).std(axis=0).max() > 5  # a texture, not a plain colour
+    with pytest.raises(ValueError, match="scene='busy'"):
+        SynthConfig(scene="busy")
+
+
+def test_every_option_is_explained():
+    from lofi.synth_cli import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help and len(action.help) > 10, action.dest

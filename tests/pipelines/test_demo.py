@@ -12,8 +12,11 @@ from pipelines.cli import main as lofi_main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ANET_TIOU = [0.5 + 0.05 * i for i in range(10)]
-CHILDREN = {"synth", "prepare", "stage1/pretrain", "lofi/train", "baseline/extract", "baseline/train_head",
-            "baseline/detect", "lofi/extract", "lofi/train_head", "lofi/detect"}
+BRANCH_STAGES = {"baseline": {"pretrain", "extract", "train_head", "detect"},
+                 "lofi": {"pretrain", "train", "extract", "train_head", "detect"},
+                 "full_end_to_end": {"pretrain", "train", "extract", "train_head", "detect"}}
+CHILDREN = {"synth", "synth_clips", "prepare", "prepare_clips", "stage1/pretrain"} | {
+    f"{branch}/{stage}" for branch, stages in BRANCH_STAGES.items() for stage in stages - {"pretrain"}}
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +31,9 @@ def demo(ray_cluster, tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
-def test_report_has_both_branches_with_scores_memory_and_times(demo):
+def test_report_has_three_branches_with_scores_memory_times_and_stage1_accuracy(demo):
     out, report = demo
-    for branch, stages in (("baseline", {"pretrain", "extract", "train_head", "detect"}),
-                           ("lofi", {"pretrain", "train", "extract", "train_head", "detect"})):
+    for branch, stages in BRANCH_STAGES.items():
         b = report[branch]
         assert b["tiou_thresholds"] == pytest.approx(ANET_TIOU)
         assert len(b["mAP"]) == 10 and all(0.0 <= m <= 1.0 for m in b["mAP"])
@@ -41,10 +43,14 @@ def test_report_has_both_branches_with_scores_memory_and_times(demo):
         assert json.loads(Path(b["eval"]).read_text())["average_mAP"] == b["average_mAP"]
     # the frozen encoder's head-only step < a step at the largest LoFi level < full fidelity end to end
     assert 0 < report["baseline"]["activation_memory_bytes"] < report["lofi"]["activation_memory_bytes"] \
-        < report["full_fidelity_activation_memory_bytes"]
-    # both branches' first stage is the same stage-1 run
-    assert report["baseline"]["stage_seconds"]["pretrain"] == report["lofi"]["stage_seconds"]["pretrain"]
-    assert report["data_seconds"]["synth"] > 0 and report["data_seconds"]["prepare"] > 0
+        < report["full_end_to_end"]["activation_memory_bytes"] == report["full_fidelity_activation_memory_bytes"]
+    # every branch's first stage is the same stage-1 run
+    assert len({report[b]["stage_seconds"]["pretrain"] for b in BRANCH_STAGES}) == 1
+    for key in ("synth", "synth_clips", "prepare", "prepare_clips"):
+        assert report["data_seconds"][key] > 0, key
+    # stage 1 trained on the clip set and was scored on held-out clips and on the TAL validation snippets
+    for key in ("val_balanced_accuracy", "val_tal_balanced_accuracy"):
+        assert 0.0 <= report["stage1"][key] <= 1.0, key
 
 
 def test_mlflow_holds_one_finished_parent_with_every_stage_as_a_finished_child(demo):
@@ -65,9 +71,11 @@ def test_mlflow_holds_one_finished_parent_with_every_stage_as_a_finished_child(d
 
 def test_the_demo_lists_its_files_and_a_rerun_reuses_every_stage(demo, capsys):
     out, first = demo
-    for rel in ("data/annotations.json", "prepared/manifest.json", "runs/stage1/pretrain/encoder.pt",
-                "runs/lofi/train/encoder.pt", "runs/baseline/features/features_manifest.json",
-                "runs/lofi/head/model.pt", "runs/baseline/detect/eval.json", "runs/lofi/detect/predictions.json"):
+    for rel in ("data/annotations.json", "clips/clips.csv", "prepared/manifest.json", "prepared_clips/manifest.json",
+                "runs/demo-smoke/stage1/pretrain/encoder.pt", "runs/demo-smoke/lofi/train/encoder.pt",
+                "runs/demo-smoke/full_end_to_end/train/encoder.pt",
+                "runs/demo-smoke/baseline/features/features_manifest.json", "runs/demo-smoke/lofi/head/model.pt",
+                "runs/demo-smoke/baseline/detect/eval.json", "runs/demo-smoke/lofi/detect/predictions.json"):
         assert (out / rel).is_file(), rel
     capsys.readouterr()
     mp = pytest.MonkeyPatch()
@@ -77,8 +85,8 @@ def test_the_demo_lists_its_files_and_a_rerun_reuses_every_stage(demo, capsys):
     finally:
         mp.undo()
     printed = capsys.readouterr().out
-    assert "reusing the dataset" in printed and "mlflow ui --backend-store-uri sqlite:///" in printed
-    assert f"files in {out}: report.json" in printed
+    assert "reusing the synth output" in printed and "reusing the synth_clips output" in printed
+    assert "mlflow ui --backend-store-uri sqlite:///" in printed and f"files in {out}:" in printed
     second = json.loads((out / "report.json").read_text())
     assert second["lofi"]["reused_stages"] == list(first["lofi"]["stage_seconds"])
     assert second["lofi"]["average_mAP"] == first["lofi"]["average_mAP"]
