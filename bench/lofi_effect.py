@@ -21,9 +21,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipelines.demo import BRANCHES as DEMO_BRANCHES, DemoOptions, run as run_demo
+from pipelines.demo import DemoOptions, run as run_demo
+from pipelines.report import BRANCH_TITLES
 
-BRANCHES = tuple((name, title) for name, (title, _) in DEMO_BRANCHES.items())
+BRANCHES = tuple(BRANCH_TITLES.items())
 PAIRS = (("lofi", "baseline"), ("full_end_to_end", "baseline"), ("lofi", "full_end_to_end"))
 # two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -77,7 +78,7 @@ def table(reports: dict[int, dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Baseline vs LoFi (the demo's comparison) over several seeds.")
     parser.add_argument("--out", default="bench_out/lofi_effect", help="folder for the runs (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
     parser.add_argument("--videos", type=int, help="synthetic videos per seed (default: the demo's)")
     parser.add_argument("--no-full-end-to-end", dest="full_end_to_end", action="store_false",
                         help="skip the full-fidelity end-to-end branch")

@@ -202,16 +202,21 @@ def run(opts: DemoOptions) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofi demo",
-        description="The main job: generate a synthetic TAL dataset, prepare shards at full and LoFi fidelity, "
-                    "pre-train the encoder (stage 1), then compare (a) the baseline, head trained on the frozen "
-                    "stage-1 encoder's full-fidelity features, with (b) LoFi, stage-2 end-to-end training at "
-                    "reduced fidelity before the same feature extraction and head training. Prints a table "
-                    "(mAP per tIoU, activation memory, wall time per stage), writes OUT/report.json, tracks all "
-                    "stages in MLflow (one parent run, stages as child runs) and says how to open the MLflow UI. "
-                    "A rerun reuses finished stages whose settings did not change. About 15 minutes on 2 CPU cores.",
-        epilog="Sizes of the dataset, fidelity levels, encoder, head and training are in the config "
-               f"({DEFAULT_CONFIG}, with comments); the demo sets run.storage, data.shards, data.annotations under "
-               "OUT and, without tracking.tracking_uri or MLFLOW_TRACKING_URI, tracks to sqlite:///OUT/mlflow.db.")
+        description="The main job: generate a synthetic TAL dataset (untrimmed videos whose classes only motion "
+                    "tells apart) and a Kinetics-style set of trimmed clips of the same classes, then run `lofi "
+                    "pipeline` on them: shards at full and LoFi fidelity, stage 1 (clip classification on the "
+                    "clips), and three branches from that encoder: (a) the baseline, the head trained on the frozen "
+                    "encoder's full-fidelity features; (b) LoFi, stage-2 end-to-end training at reduced fidelity "
+                    "before the same feature extraction and head training; (c) stage 2 at full fidelity, the upper "
+                    "bound. Prints a table (mAP per tIoU, activation memory, wall time per stage, stage-1 "
+                    "accuracies), writes OUT/report.json, tracks all stages in MLflow (one parent run, stages as "
+                    "child runs) and says how to open the MLflow UI. A rerun reuses finished stages whose settings "
+                    "did not change. About 14 minutes on 2 CPU cores.",
+        epilog="Sizes of the fidelity levels, encoder, head and training are in the config "
+               f"({DEFAULT_CONFIG}, with comments), those of the data in pipelines/demo.py; the demo sets "
+               "run.storage, data.videos, data.annotations, data.shards, data.pretrain_videos, "
+               "data.pretrain_annotations and data.pretrain_shards under OUT and, without tracking.tracking_uri or "
+               "MLFLOW_TRACKING_URI, tracks to sqlite:///OUT/mlflow.db.")
     parser.add_argument("--out", default="demo_out", metavar="DIR",
                         help="folder for everything the demo writes (default: demo_out)")
     parser.add_argument("--config", metavar="FILE",
@@ -220,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one pipeline config value by its dotted key, e.g. --set train.epochs=4; repeatable")
     parser.add_argument("--videos", type=int, metavar="N",
                         help=f"number of synthetic videos (default {SYNTH['num_videos']}, with --smoke "
-                             f"{SMOKE_SYNTH['num_videos']}); 20%% of them are validation videos")
+                             f"{SMOKE_SYNTH['num_videos']}); a quarter of them are validation videos (a fifth with --smoke)")
     parser.add_argument("--clips", type=int, metavar="N",
                         help=f"number of stage 1's synthetic trimmed clips (default {CLIPS['num_clips']}, with --smoke "
                              f"{SMOKE_CLIPS['num_clips']})")
