@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "durations). Every problem is listed at once, each naming the file, video id and field; "
                     f"the command then exits with status 2. Segment ends past the video's duration by at most "
                     f"max(1 s, 1%%) (e.g. {end_tolerance_sec(60):.0f} s for a 60 s video) are clipped.")
-    p.add_argument("file", metavar="FILE", help="ActivityNet/HACS JSON, THUMOS14 TSP CSV, or ground truth in the "
-                   "prediction format {results: ...} (needs --metadata)")
+    p.add_argument("file", metavar="FILE", help="ActivityNet/HACS JSON, THUMOS14 TSP CSV, Kinetics-style trimmed-clip "
+                   "CSV (label,youtube_id,time_start,time_end,split: one clip per row, id <youtube_id>_<start:06d>_"
+                   "<end:06d>), or ground truth in the prediction format {results: ...} (needs --metadata)")
     p.add_argument("--metadata", metavar="CSV", help="per-video durations/fps: filename (v_<id>.mp4 or <id>.mp4), "
                    "video-duration and fps columns; wins over durations in FILE")
     p.add_argument("--skip-invalid", action="store_true",
