@@ -155,6 +155,7 @@ class PrepareSection:
     clip_frames_per_snippet: int = 8  # F of the clip level: data.pretrain_clip_frames windows jitter inside it
     max_error_fraction: float = 0.05  # stop when more videos than this fail to decode
     metadata: str = ""  # metadata CSV for annotation formats without durations
+    annotation_errors: Literal["raise", "skip", "keep"] = "raise"  # invalid entries: report all, drop, or keep as written
     subsets: tuple[str, ...] = ()  # prepare only these subsets of the TAL videos; empty: all
     storage: Literal["uint8", "jpeg"] = "uint8"  # frames in the shards; JPEG is ~10x smaller (ActivityNet: TBs)
 

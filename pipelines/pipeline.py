@@ -111,7 +111,7 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     return replace(cfg, changes) if changes else cfg
 
 
-def _annotation_problems(key: str, path: str, videos_key: str, videos: str) -> list[str]:
+def _annotation_problems(key: str, path: str, videos_key: str, videos: str, options: dict[str, Any]) -> list[str]:
     from lofi.annotations import load_annotations
 
     problems = []
@@ -121,7 +121,7 @@ def _annotation_problems(key: str, path: str, videos_key: str, videos: str) -> l
         problems.append(f"{key} is empty: set it to the annotation file of {videos_key}")
         return problems
     try:
-        load_annotations(path)
+        load_annotations(path, **options)
     except LofiError as err:
         problems.append(f"{key}: {err}")
     return problems
@@ -132,8 +132,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
     from lofi.models.encoders import build_encoder
 
     data, problems = cfg.data, []
+    pcfgs = _prepare_configs_or_problems(cfg, problems)  # validates the levels
     if data.videos:
-        problems += _annotation_problems("data.annotations", data.annotations, "data.videos", data.videos)
+        options = pcfgs["prepare"].input.annotation_options() if "prepare" in pcfgs else {}
+        problems += _annotation_problems("data.annotations", data.annotations, "data.videos", data.videos, options)
     elif not data.shards:
         problems.append("data.videos and data.shards are empty: set data.videos (+ data.annotations) to prepare the "
                         "TAL videos, or data.shards to a `lofi prepare` output")
@@ -142,7 +144,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
                         "data.videos to let the pipeline prepare the videos")
     if data.pretrain_annotations:
         problems += _annotation_problems("data.pretrain_annotations", data.pretrain_annotations,
-                                         "data.pretrain_videos", data.pretrain_videos)
+                                         "data.pretrain_videos", data.pretrain_videos, {})
     elif data.pretrain_shards and not (Path(data.pretrain_shards) / "manifest.json").is_file():
         problems.append(f"data.pretrain_shards: {data.pretrain_shards}/manifest.json does not exist")
     if cfg.encoder.checkpoint:
@@ -150,7 +152,6 @@ def check_inputs(cfg: PipelineConfig) -> None:
             build_encoder(cfg.encoder)
         except (LofiError, OSError, RuntimeError, ValueError) as err:
             problems.append(f"encoder.checkpoint: {cfg.encoder.checkpoint} does not load: {err}")
-    _prepare_configs_or_problems(cfg, problems)  # validates the levels
     if problems:
         raise LofiError(f"lofi pipeline cannot start ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
 
@@ -178,7 +179,7 @@ def prepare_configs(cfg: PipelineConfig) -> dict[str, Any]:
         levels = [{**level, "storage": cfg.prepare.storage} for level in levels]
         return from_dict(PrepareConfig, {
             "input": {"annotations": annotations, "videos": videos, "metadata": cfg.prepare.metadata,
-                      "subsets": list(subsets)},
+                      "subsets": list(subsets), "annotation_errors": cfg.prepare.annotation_errors},
             "output": output, "levels": levels, "num_workers": cfg.prepare.num_workers,
             "videos_per_part": per_part, "max_error_fraction": cfg.prepare.max_error_fraction,
             "ray": to_dict(cfg.ray)})
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config: a pipeline YAML (deploy/configs/pipeline/*.yaml). Keys the pipeline adds to the stages': "
                "data.videos, data.pretrain_videos, data.pretrain_annotations, prepare.* (num_workers, "
                "videos_per_part, max_error_fraction, clip_frames_per_snippet, clip_videos_per_part, metadata, "
-               "subsets, storage uint8|jpeg). On a "
+               "annotation_errors raise|skip|keep, subsets, storage uint8|jpeg). On a "
                "cluster: ray job submit --runtime-env deploy/runtime_env.yaml --working-dir . -- lofi pipeline "
                "--config deploy/configs/pipeline/anet_tsm_r18_gtad_c_lofi_long.yaml (see deploy/README.md).")
     add_config_arguments(parser)

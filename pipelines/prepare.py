@@ -114,6 +114,15 @@ class InputConfig:
     metadata: str = ""  # metadata CSV for annotation formats without durations
     subsets: tuple[str, ...] = ()  # only these subsets; empty: all
     limit: int = 0  # only the first N videos (sorted by id); 0: all
+    # invalid annotation entries: "raise" (every problem at once), "skip" (drop them, warn), or "keep"
+    # (suspect segments kept as written, as the official evaluator does; the real ActivityNet and
+    # THUMOS14 files hold a few zero-length or past-the-end segments)
+    annotation_errors: Literal["raise", "skip", "keep"] = "raise"
+
+    def annotation_options(self) -> dict[str, Any]:
+        """load_annotations keywords for `annotation_errors`."""
+        return {"metadata": self.metadata or None, "skip_invalid": self.annotation_errors == "skip",
+                "lenient": self.annotation_errors == "keep"}
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,7 @@ def load_videos(cfg: InputConfig) -> tuple[list[Any], tuple[str, ...]]:
     """Annotated videos to prepare (subset filter, limit, sorted by id) and the label names."""
     from lofi.annotations import load_annotations
 
-    ann = load_annotations(cfg.annotations, metadata=cfg.metadata or None)
+    ann = load_annotations(cfg.annotations, **cfg.annotation_options())
     videos = sorted(ann.videos, key=lambda v: v.video_id)
     if cfg.subsets:
         unknown = sorted(set(cfg.subsets) - {v.subset for v in videos})
@@ -338,6 +347,7 @@ CONFIG_KEYS = """config keys (in the YAML file, or --set KEY=VALUE):
   input.videos           folder or filesystem URI (s3://, gs://, file://) of <id>.<ext> or v_<id>.<ext>
   input.metadata         metadata CSV for annotation formats without durations
   input.subsets          only these subsets (default: all); input.limit: first N videos by id (0: all)
+  input.annotation_errors  invalid annotation entries: raise (default, all reported at once), skip (drop them), keep (as written)
   output                 folder to write (shared by all nodes on a multi-node cluster)
   levels                 list of presets (full, s_lofi, t_lofi, st_lofi) or sections: name, preset,
                          num_snippets T | snippet_stride_sec, frames_per_snippet F, size_px S,

@@ -72,3 +72,22 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for word in ("--config", "--set", "--overwrite", "--quiet", "max_error_fraction", "videos_per_part", "storage"):
         assert word in text
+
+
+def test_annotation_errors_raise_by_default_and_skip_or_keep_on_request(tmp_path):
+    import json
+
+    from lofi.errors import LofiError
+    from pipelines.prepare import InputConfig, load_videos
+
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"database": {
+        "a": {"subset": "training", "duration": 10.0, "annotations": [{"segment": [1.0, 3.0], "label": "x"}]},
+        "b": {"subset": "training", "duration": 10.0, "annotations": [{"segment": [4.0, 4.0], "label": "x"},
+                                                                      {"segment": [5.0, 6.0], "label": "x"}]}}}))
+    with pytest.raises(LofiError, match="'b'"):
+        load_videos(InputConfig(str(path), "videos"))
+    skipped, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="skip"))
+    assert [len(v.segments) for v in skipped] == [1, 1]  # the zero-length segment of b dropped
+    kept, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="keep"))
+    assert [len(v.segments) for v in kept] == [1, 2]
