@@ -25,9 +25,9 @@ config with the same recipe (`train_head`) and seed, and is scored on the same v
 videos; the stage-2 branches differ from the baseline only by stage 2, which trains the
 encoder, and from each other only by `fidelity.kind`.
 
-Reuse: every stage writes a record (OUT/runs/<branch>/demo_records/<stage>.json) holding a
-hash of the config sections it reads and of its inputs; a rerun skips a stage whose record
-matches (synth and prepare check their own outputs the same way). `--overwrite` starts over.
+Reuse: the synthetic sets are regenerated only when their config changes (their summary
+files hold it); every later stage is reused by `lofi pipeline`'s records (<run>/records/).
+`--overwrite` starts over.
 """
 
 from __future__ import annotations
@@ -52,14 +52,13 @@ SMOKE_CONFIG = "deploy/configs/pipeline/demo_smoke.yaml"
 # 140 videos, 35 of them validation: few validation videos make average mAP swing by points.
 SYNTH = {"num_videos": 140, "val_fraction": 0.25, "min_duration_sec": 24.0, "max_duration_sec": 36.0,
          "min_instance_sec": 3.0, "max_instance_sec": 6.0, "fps": 10.0, "scene": "simple"}
-SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "max_duration_sec": 16.0, "min_instance_sec": 2.0,
-               "max_instance_sec": 4.0, "fps": 8.0, "scene": "simple"}
+SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "max_duration_sec": 16.0,
+               "min_instance_sec": 2.0, "max_instance_sec": 4.0, "fps": 8.0, "scene": "simple"}
 # Stage 1's own trimmed clips (lofi.synth.ClipSynthConfig fields), as Kinetics is the paper's stage 1.
 CLIPS = {"num_clips": 4000}
 SMOKE_CLIPS = {"num_clips": 24}
-# The clip level: F frames over a whole 2 s clip, so a window of the full level's F frames
-# (data.pretrain_clip_frames) has about the full level's frame spacing; T=1: one clip per file.
-CLIP_LEVEL_FRAMES = 8
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     out: str = "demo_out"
