@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,11 @@ def table_dataset(table: Any) -> Any:
 
 
 def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any]) -> Any:
-    """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result."""
+        datasets: dict[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+    """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result.
+
+    `callbacks`: Ray Train callbacks, e.g. a Tune trial's TuneReportCallback (tuning/), which
+    forwards every epoch's report to Tune."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -69,6 +72,7 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
                                      resources_per_worker=resources),
         run_config=RunConfig(name=stage, storage_path=cfg.run.ray_storage(),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=list(callbacks) or None,
                              # Ray Train's INFO lines (every report's full metrics dict, process group set-up)
                              # would bury the one progress line per epoch the loop prints
                              logging_config=LoggingConfig(log_level="WARNING")))
