@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("pipelines.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
     "pipeline": ("pipelines.pipeline", "the whole method on your dataset as one job: prepare, stage 1, LoFi, features, "
                                        "head, detections, report"),
+    "sweep": ("tuning.sweep", "sweep stage 2 over fidelity levels and other config keys with Ray Tune, "
+                              "memory-aware, tracked in MLflow"),
     "demo": ("pipelines.demo", "the main job: generate the demo dataset and run the pipeline on it"),
 }
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from lofi.config import add_config_arguments, config_from_args
 from lofi.errors import LofiError, cli_errors
@@ -67,9 +66,6 @@ def predict(head, table, labels: list[str], cfg: PipelineConfig) -> dict[str, li
     """{video_id: ActivityNet entries} for the videos of `table` (best first, Soft-NMS applied)."""
     import torch
 
-    from lofi.heads.common import decode_detections
-    from lofi.postprocess import postprocess_detections
-
     feats = features_array(table)  # (N, T, D)
     ids = table.column("video_id").to_pylist()
     durations = table.column("duration_sec").to_pylist()
@@ -78,11 +74,35 @@ def predict(head, table, labels: list[str], cfg: PipelineConfig) -> dict[str, li
         batch = torch.from_numpy(feats[lo:lo + _BATCH_VIDEOS].copy()).transpose(1, 2)  # (B, T, D) -> (B, D, T)
         with torch.inference_mode():
             out = head(batch)
-        detections = decode_detections(out, durations[lo:lo + _BATCH_VIDEOS], cfg.head.top_k_classes)
-        results.update(postprocess_detections(
-            detections, ids[lo:lo + _BATCH_VIDEOS], labels, durations[lo:lo + _BATCH_VIDEOS], method="soft_nms",
-            class_aware=True, top_k=cfg.detect.top_k, sigma=cfg.detect.soft_nms_sigma))
+        results.update(detection_entries(out, ids[lo:lo + _BATCH_VIDEOS], durations[lo:lo + _BATCH_VIDEOS],
+                                         labels, cfg))
     return results
+
+
+def detection_entries(out: Any, video_ids: list[str], durations_sec: list[float], labels: list[str],
+                      cfg: PipelineConfig) -> dict[str, list[dict[str, Any]]]:
+    """A head's output for a batch of videos -> {video_id: ActivityNet entries}: candidates decoded
+    (head.top_k_classes per proposal), class-aware Soft-NMS, the best detect.top_k kept."""
+    from lofi.heads.common import decode_detections
+    from lofi.postprocess import postprocess_detections
+
+    detections = decode_detections(out, list(durations_sec), cfg.head.top_k_classes)
+    return postprocess_detections(detections, list(video_ids), labels, list(durations_sec), method="soft_nms",
+                                  class_aware=True, top_k=cfg.detect.top_k, sigma=cfg.detect.soft_nms_sigma)
+
+
+def score_in_memory(videos: list[Any], labels: list[str], results: dict[str, list[dict[str, Any]]],
+                    protocol: str) -> dict[str, Any]:
+    """mAP of in-memory detections against in-memory ground truth (`pipelines.batches.VideoLabel`s),
+    e.g. stage 2's validation pass; the same scoring as `lofi eval` (lofi.evaluation)."""
+    from lofi.annotations import AnnotationSet, LabelVocab, Segment, Video, detections_from_results
+    from lofi.evaluation.common import PROTOCOLS
+    from lofi.evaluation.detection import evaluate_detection
+
+    gt = AnnotationSet(tuple(Video(v.video_id, v.subset, v.duration_sec, segments=tuple(
+        Segment(s, e, name) for (s, e), name in zip(v.segments_sec, v.labels))) for v in videos),
+        LabelVocab.from_names(labels))
+    return evaluate_detection(gt, detections_from_results(results), PROTOCOLS[protocol]).to_json()
 
 
 def ground_truth_path(cfg: PipelineConfig, manifest: dict[str, Any]) -> str:

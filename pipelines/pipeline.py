@@ -164,9 +164,10 @@ def _prepare_configs_or_problems(cfg: PipelineConfig, problems: list[str]) -> di
         return {}
 
 
-def prepare_configs(cfg: PipelineConfig) -> dict[str, Any]:
+def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> dict[str, Any]:
     """The `lofi prepare` configs the pipeline runs: "prepare" (TAL videos at the full level and
-    every schedule level) and "prepare_clips" (stage 1's clips), each only when its videos are set."""
+    every schedule level, plus `extra_levels`: FidelityLevels, e.g. a sweep's variants) and
+    "prepare_clips" (stage 1's clips), each only when its videos are set."""
     from lofi.fidelity import FidelitySchedule, resolve_level
     from pipelines.prepare import PrepareConfig
 
@@ -187,9 +188,9 @@ def prepare_configs(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.data.videos:
         names = [cfg.data.full_level] + [level.name for level in FidelitySchedule(cfg.fidelity).levels()]
         levels = []
-        for name in dict.fromkeys(names):
-            level = resolve_level(name, cfg.fidelity.overrides)
-            levels.append({"name": name, "num_snippets": level.num_snippets,
+        resolved = [resolve_level(name, cfg.fidelity.overrides) for name in dict.fromkeys(names)]
+        for level in [*resolved, *extra_levels]:
+            levels.append({"name": level.name, "num_snippets": level.num_snippets,
                            "frames_per_snippet": level.frames_per_snippet, "size_px": level.size_px})
         out["prepare"] = make(cfg.data.annotations, cfg.data.videos, cfg.data.shards, levels,
                               cfg.prepare.videos_per_part, cfg.prepare.subsets)
@@ -305,21 +306,38 @@ def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: 
     return Stage(stage_result, key, seconds, reused=False)
 
 
+def run_stage1(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str | None,
+               prepared: dict[str, Stage]) -> tuple[Stage | None, Stage, str]:
+    """Stage 1 unless a checkpoint is the starting point: (its stage or None, the stage every
+    branch starts after, the starting encoder's path)."""
+    root = cfg.run.dir()
+    upstream_key = "+".join(s.key for s in prepared.values())
+    data_stage = Stage(StageResult("prepare", "", {}, 0.0), upstream_key, 0.0,
+                       reused=all(s.reused for s in prepared.values()))
+    if cfg.encoder.checkpoint and not cfg.data.pretrain_shards:
+        return None, data_stage, cfg.encoder.checkpoint
+    stage1 = run_stage("pretrain", replace(cfg, [("run.storage", str(root)), ("run.name", "stage1")]), data_stage,
+                       parent_run_id, opts, root)
+    return stage1, stage1, stage1.result.artifacts["encoder"]
+
+
+def run_upstream(cfg: PipelineConfig, opts: PipelineOptions, parent: Any) -> tuple[PipelineConfig, Stage | None]:
+    """Inputs checked, data prepared and stage 1 run (each reused when unchanged): the config every
+    branch (or a sweep's trial) starts from, with data.shards and encoder.checkpoint set, and stage 1."""
+    cfg = resolve_paths(cfg)
+    check_inputs(cfg)
+    prepared = {name: run_prepare(name, pcfg, parent, opts, cfg.run.dir())
+                for name, pcfg in prepare_configs(cfg).items()}
+    stage1, _, encoder = run_stage1(cfg, opts, parent.run_id, prepared)
+    return replace(cfg, [("encoder.checkpoint", encoder)]), stage1
+
+
 def run_branches(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str | None,
                  prepared: dict[str, Stage]) -> tuple[Stage | None, dict[str, dict[str, Stage]]]:
     """Stage 1 (unless a checkpoint is the starting point), then each branch from that encoder."""
     root = cfg.run.dir()
     at_root = [("run.storage", str(root))]
-    upstream_key = "+".join(s.key for s in prepared.values())
-    data_stage = Stage(StageResult("prepare", "", {}, 0.0), upstream_key, 0.0,
-                       reused=all(s.reused for s in prepared.values()))
-    stage1 = None
-    encoder = cfg.encoder.checkpoint
-    if not encoder or cfg.data.pretrain_shards:
-        stage1 = run_stage("pretrain", replace(cfg, [*at_root, ("run.name", "stage1")]), data_stage, parent_run_id,
-                           opts, root)
-        encoder = stage1.result.artifacts["encoder"]
-    start = stage1 or data_stage
+    stage1, start, encoder = run_stage1(cfg, opts, parent_run_id, prepared)
     branches: dict[str, dict[str, Stage]] = {}
     for name in opts.branches():
         branch_cfg = replace(cfg, [*at_root, ("run.name", name), ("encoder.checkpoint", encoder)])

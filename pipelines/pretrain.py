@@ -266,7 +266,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         counts = label_counts(source, cfg.data.train_subset, num_actions, len(names))
         loop = {"class_names": names, "val_sets": val_sets,
                 "class_weights": class_weights(counts) if cfg.data.pretrain_balanced else None}
-        result = fit(cfg, STAGE, _loop, loop, datasets)
+        result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
         history = epoch_history(result)
         log_training(tracker, history)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from pipelines.train import stage2_encoder_config
+from pipelines.step_memory import stage2_encoder_config
 
 # stage 1's final metrics that the report shows (held-out clips, TAL validation snippets)
 STAGE1_KEYS = ("val_accuracy", "val_balanced_accuracy", "val_tal_accuracy", "val_tal_balanced_accuracy")

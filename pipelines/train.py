@@ -15,7 +15,9 @@ losses (`batches.tal_batch_loss`).
 The evaluation level: `data.full_level` when its shards hold whole videos on a fixed grid (the
 fidelity the encoder is used at afterwards), else the schedule's finest level. Validation
 runs there every epoch (a loss comparable across epochs whatever level trained), and its T
-is T_head.
+is T_head. It also decodes the model's own detections (Soft-NMS, `detect.top_k`) and scores
+them against the validation ground truth: `val_average_mAP`, `val_mAP_tIoU_<t>` at the
+`detect.protocol` thresholds, every epoch (what a sweep optimises).
 
 Starts from `encoder.checkpoint` (e.g. `<run>/pretrain/encoder.pt`); the encoder's learning
 rate is `train.lr * train.encoder_lr_scale`, the head's `train.lr` (StepLR on both).
@@ -40,19 +42,22 @@ import time
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lofi.config import add_config_arguments, config_from_args, to_dict
 from lofi.errors import LofiError, cli_errors
 from lofi.fidelity import FidelityLevel, FidelitySchedule
-from lofi.heads import build_head, head_loss
+from lofi.heads import build_head
 from lofi.models.encoders import build_encoder
 from pipelines import shards
 from pipelines.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
                                read_video_labels, tal_batch_loss, tensor_column, video_seed)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.detect import detection_entries, score_in_memory
+from pipelines.step_memory import activation_memory_by_level, stage2_encoder_config
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
                                fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
 
@@ -86,7 +91,7 @@ def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
     entries = {entry["name"]: entry for entry in manifest["levels"]}
     problems = []
     for level in FidelitySchedule(cfg.fidelity).levels():
-        entry = entries.get(level.name)
+        entry = entries.get(shard_level(manifest, level))
         if entry is None:
             problems.append(f"{where}: no level {level.name!r}, which fidelity.kind={cfg.fidelity.kind} trains on "
                             f"(levels there: {', '.join(entries)}); add a level named {level.name} to the prepare "
@@ -120,6 +125,19 @@ def _chunk_problems(cfg: PipelineConfig, entry: dict[str, Any]) -> list[str]:
             f"row: rerun `lofi prepare --overwrite` with max_row_mib above {frame_mib:.1f} (one video's frames)"]
 
 
+def shard_level(manifest: dict[str, Any], level: FidelityLevel) -> str:
+    """The shard level a schedule level is read from: the one of the same name, else one prepared at the
+    same T, F and S under another name (a sweep prepares variants of a level, e.g. s_lofi at 32 and 48 px,
+    side by side as s_lofi-t32f4s32, s_lofi-t32f4s48); the name itself when there is none."""
+    def same(entry: dict[str, Any]) -> bool:
+        return all(entry[key] == getattr(level, key) for key in ("num_snippets", "frames_per_snippet", "size_px"))
+
+    named = [e for e in manifest["levels"] if e["name"] == level.name]
+    if named and same(named[0]):
+        return level.name
+    return next((e["name"] for e in manifest["levels"] if same(e)), level.name)
+
+
 def eval_level(cfg: PipelineConfig, manifest: dict[str, Any], levels: tuple[FidelityLevel, ...]) -> FidelityLevel:
     """The level validation runs at and whose T is the head's grid: `data.full_level` (what the encoder
     is used at later) when its rows are whole videos on a fixed grid, else the schedule's finest level."""
@@ -147,11 +165,6 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
     return ds.select_columns(list(VIDEO_BATCH_COLUMNS))
 
 
-def stage2_encoder_config(cfg: PipelineConfig) -> Any:
-    """The encoder as stage 2 trains it: BatchNorm frozen with train.freeze_encoder_bn (the default)."""
-    return dataclasses.replace(cfg.encoder, freeze_bn=cfg.encoder.freeze_bn or cfg.train.freeze_encoder_bn)
-
-
 # 2. the worker loop --------------------------------------------------------------------------
 
 class TrainLoop:
@@ -161,6 +174,8 @@ class TrainLoop:
     def __init__(self, config: dict[str, Any]) -> None:
         self.labels = {int(i): VideoLabel(**v) for i, v in config["labels"].items()}
         self.num_classes, self.head_snippets = int(config["num_classes"]), int(config["head_snippets"])
+        self.label_names = list(config["label_names"])
+        self.memory = {str(k): int(v) for k, v in config.get("activation_memory", {}).items()}
         self.val_level = FidelityLevel(**config["val_level"]) if config["val_level"] else None
         self.schedule: FidelitySchedule | None = None
         self.epoch_level: FidelityLevel | None = None
@@ -207,21 +222,44 @@ class TrainLoop:
         level = self.epoch_level
         info = {"level_num_snippets": level.num_snippets, "level_frames_per_snippet": level.frames_per_snippet,
                 "level_size_px": level.size_px} if level else {}
+        if level and self.memory:  # a short cycle trains every level within the epoch: the largest counts
+            trained = [level.name] if ctx.cfg.fidelity.cycle == "epoch" else list(self.memory)
+            info["activation_memory_bytes"] = float(max(self.memory[name] for name in trained))
         if self.val_level is None:
             return info
         sums = {key: 0.0 for key in LOSS_KEYS} | {"videos": 0.0}
+        results: dict[str, list[dict[str, Any]]] = {}
         for data in ctx.batches("val", epoch, train=False):
             indices = data["video_index"].tolist()
             targets = batch_targets(indices, self.labels, self.head_snippets, ctx.cfg.head, self.num_classes)
+            out = model(data["frames"])
             # a fixed seed per video (epoch -1): the validation loss moves only with the model
-            losses = tal_batch_loss(ctx.cfg.head, model(data["frames"]), targets.to(ctx.device),
+            losses = tal_batch_loss(ctx.cfg.head, out, targets.to(ctx.device),
                                     [video_seed(ctx.cfg.run.seed, -1, i) for i in indices])
             for key in LOSS_KEYS:
                 sums[key] += float(losses[key]) * len(indices)
             sums["videos"] += len(indices)
+            videos = [self.labels[i] for i in indices]
+            results.update(detection_entries(out, [v.video_id for v in videos],
+                                             [v.duration_sec for v in videos], self.label_names, ctx.cfg))
         sums = all_reduce(sums, ctx.device)
-        out = {f"val_loss_{k}": sums[k] / sums["videos"] for k in LOSS_KEYS} if sums["videos"] else {}
-        return info | out
+        if not sums["videos"]:
+            return info
+        losses = {f"val_loss_{k}": sums[k] / sums["videos"] for k in LOSS_KEYS}
+        return info | losses | self._val_map(ctx, results)
+
+    def _val_map(self, ctx: WorkerContext, results: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+        """The end-to-end model's own detections on the validation videos, scored as `lofi detect`
+        scores the retrained head's: the per-epoch mAP a sweep optimises (val_average_mAP)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)  # a few KB of entries per video
+            results = {vid: entries for part in gathered for vid, entries in part.items()}
+        videos = [v for v in self.labels.values() if v.video_id in results]
+        scored = score_in_memory(videos, self.label_names, results, ctx.cfg.detect.protocol)
+        metrics = {"val_average_mAP": scored["average_mAP"]}
+        metrics.update({f"val_mAP_tIoU_{t:.2f}": m for t, m in zip(scored["tiou_thresholds"], scored["mAP"])})
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict()}
@@ -236,39 +274,6 @@ def _loop(config: dict[str, Any]) -> None:
 
 # 3. the stage --------------------------------------------------------------------------------
 
-def activation_memory_bytes(cfg: PipelineConfig, levels: tuple[FidelityLevel, ...], head_t: int, num_classes: int,
-                            batch_size: int) -> int:
-    """Saved-tensor bytes of one training step of `batch_size` videos at the most costly level.
-
-    lofi.memory's scaling argument: the encoder's saved bytes are affine in the snippets it
-    sees (B videos = B * T snippets), the head's affine in B at its fixed grid; two small
-    probes of each give the exact figure at any size without running it.
-    """
-    from lofi.memory import measure_encoder, measure_head, synthetic_targets
-
-    amp = cfg.encoder.amp_dtype
-    if amp == "fp16" and not torch.cuda.is_available():
-        amp = "bf16"  # CPU autocast has no fp16; both are 2-byte types (the autocast op lists differ a little)
-    enc_cfg = dataclasses.replace(stage2_encoder_config(cfg), checkpoint=None, amp_dtype=amp)
-    # meta: no data and no compute, the same bytes; autocast needs a real device
-    device = "meta" if amp == "none" else ("cuda" if amp == "fp16" else "cpu")
-    encoder = build_encoder(enc_cfg).to(device)
-    head = build_head(cfg.head, encoder.feature_dim, head_t, num_classes)
-    max_d = cfg.head.resolved_max_duration(head_t)
-    region = cfg.head.boundary_region_snippets
-    h1, h2 = (measure_head(head, encoder.feature_dim, head_t,
-                           synthetic_targets(b, head_t, max_d, num_classes, region_snippets=region),
-                           lambda out, targets: head_loss(cfg.head, out, targets), batch_size=b).saved_bytes
-              for b in (1, 2))
-    head_bytes = h1 + (h2 - h1) * (batch_size - 1)
-    best = 0
-    for level in levels:
-        e2, e3 = (measure_encoder(encoder, t, level.frames_per_snippet, level.size_px, device=device).saved_bytes
-                  for t in (2, 3))
-        best = max(best, e2 + (e3 - e2) * (batch_size * level.num_snippets - 2) + head_bytes)
-    return int(best)
-
-
 def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     """Everything the driver checks and derives before training; all problems at once."""
     manifest, problems = check_levels(cfg)
@@ -276,7 +281,7 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     labels: dict[str, VideoLabel] = {}
     for level in levels:
         if not problems:
-            labels.update(read_video_labels(shards.level_files(cfg.data.shards, level.name)[1]))
+            labels.update(read_video_labels(shards.level_files(cfg.data.shards, shard_level(manifest, level))[1]))
     train = [v for v in labels.values() if v.subset == cfg.data.train_subset]
     if not problems and len(train) < cfg.train.batch_size:
         problems.append(f"{cfg.data.shards}: {len(train)} videos of subset {cfg.data.train_subset!r}, fewer than "
@@ -292,9 +297,13 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     index, by_index = index_videos(labels)
     has_val = any(v.subset == cfg.data.val_subset for v in labels.values())
     val_level = eval_level(cfg, manifest, levels)
+    memory = activation_memory_by_level(cfg, levels, val_level.num_snippets, len(manifest["labels"]),
+                                        cfg.train.per_worker_batch(cfg.scaling.num_workers))
     return {"manifest": manifest, "levels": levels, "index": index, "val_level": val_level if has_val else None,
-            "loop": {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()},
-                     "num_classes": len(manifest["labels"]), "head_snippets": val_level.num_snippets,
+            "memory": memory,
+            "loop": {"activation_memory": memory, "labels": {i: dataclasses.asdict(v) for i, v in by_index.items()},
+                     "num_classes": len(manifest["labels"]), "label_names": list(manifest["labels"]),
+                     "head_snippets": val_level.num_snippets,
                      "val_level": dataclasses.asdict(val_level) if has_val else None}}
 
 
@@ -322,21 +331,21 @@ def _log_encoder(tracker: Any, cfg: PipelineConfig, encoder_path: str, levels: t
     tracker.log_torch_model(encoder.eval(), "encoder", input_example=example, dynamic_dims=(0, 1))
 
 
-def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
-    """Stage 2: LoFi training of encoder + head; writes <run>/train/encoder.pt and model.pt."""
+def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[Any, ...] = ()) -> StageResult:
+    """Stage 2: LoFi training of encoder + head; writes <run>/train/encoder.pt and model.pt.
+    `callbacks`: Ray Train callbacks (a sweep trial passes Tune's TuneReportCallback)."""
     start = time.perf_counter()
     plan = _plan(cfg)
     levels, loop = plan["levels"], plan["loop"]
-    memory = activation_memory_bytes(cfg, levels, loop["head_snippets"], loop["num_classes"],
-                                     cfg.train.per_worker_batch(cfg.scaling.num_workers))
+    memory = max(plan["memory"].values())
     connect_ray(cfg.ray)
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
-        datasets = {f"train/{lv.name}": video_dataset(cfg, lv.name, cfg.data.train_subset, plan["index"])
-                    for lv in levels}
+        datasets = {f"train/{lv.name}": video_dataset(cfg, shard_level(plan["manifest"], lv), cfg.data.train_subset,
+                                                      plan["index"]) for lv in levels}
         if plan["val_level"] is not None:
             datasets["val"] = video_dataset(cfg, plan["val_level"].name, cfg.data.val_subset, plan["index"])
-        result = fit(cfg, STAGE, _loop, loop, datasets)
+        result = fit(cfg, STAGE, _loop, loop, datasets, callbacks=callbacks, tracker=tracker)  # rank 0 logs epochs live
         history = epoch_history(result)
         log_training(tracker, history)
         tracker.log_metrics({"activation_memory_bytes": float(memory)}, step=0)

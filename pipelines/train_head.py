@@ -200,7 +200,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         datasets = {"train": feature_rows(cfg, manifest, cfg.data.train_subset, index)}
         if has_val:
             datasets["val"] = feature_rows(cfg, manifest, cfg.data.val_subset, index)
-        result = fit(cfg, STAGE, _loop, loop, datasets)
+        result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
         history = epoch_history(result)
         log_training(tracker, history)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,13 +38,18 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole test session: starting one costs seconds here."""
+    """One local Ray cluster for the whole test session: starting one costs seconds here.
+
+    With its dashboard, as `lofi` starts one: Ray's state API lives there, and Ray Train's
+    placement-group cleaner needs it to free the CPUs of a run whose controller was killed
+    (a Tune trial stopped by ASHA); without it they stay reserved and later runs hang."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             object_store_memory=1024**3,
             log_to_driver=False,
             configure_logging=False,

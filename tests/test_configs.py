@@ -14,11 +14,13 @@ from lofi.memory_cli import PlanMemoryConfig
 from pipelines.cli import COMMANDS
 from pipelines.config import PipelineConfig
 from pipelines.prepare import PrepareConfig
+from tuning.config import SweepConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "deploy" / "configs"
 # folder under deploy/configs -> the dataclass its files are instances of
-SCHEMAS = {"prepare": PrepareConfig, "pipeline": PipelineConfig, "plan_memory": PlanMemoryConfig}
+SCHEMAS = {"prepare": PrepareConfig, "pipeline": PipelineConfig, "plan_memory": PlanMemoryConfig,
+           "sweep": SweepConfig}
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
 PAPER = sorted((CONFIGS / "pipeline").glob("*_tsm_r18_gtad_*.yaml"))
 
@@ -36,6 +38,10 @@ def test_shipped_config_loads_with_its_dataclass(path):
         FidelitySchedule(cfg.fidelity).levels()  # overrides resolve to valid levels
     if isinstance(cfg, PrepareConfig):
         cfg.resolved_levels()
+    if isinstance(cfg, SweepConfig):  # its pipeline file and every value of its space apply
+        from tuning.sweep import check_keys
+
+        check_keys(cfg.base_config(), cfg.space)
 
 
 def test_the_paper_setups_are_all_shipped_with_the_papers_recipe():

@@ -14,7 +14,7 @@ from lofi.annotations.load import (
     load_annotations,
     save_activitynet,
 )
-from lofi.annotations.predictions import load_predictions, save_predictions
+from lofi.annotations.predictions import detections_from_results, load_predictions, save_predictions
 from lofi.annotations.types import (
     SUBSET_ALIASES,
     SUBSETS,
@@ -29,5 +29,6 @@ from lofi.annotations.types import (
 __all__ = [
     "END_TOLERANCE_FRACTION", "END_TOLERANCE_SEC", "FORMATS", "SUBSETS", "SUBSET_ALIASES",
     "AnnotationError", "AnnotationSet", "Detections", "LabelVocab", "Segment", "Video",
-    "end_tolerance_sec", "load_annotations", "load_predictions", "save_activitynet", "save_predictions",
+    "detections_from_results", "end_tolerance_sec", "load_annotations", "load_predictions", "save_activitynet",
+    "save_predictions",
 ]

@@ -84,6 +84,18 @@ def load_predictions(path: str | Path, *, skip_invalid: bool = False) -> Detecti
     if problems:
         log.warning("%s: dropped %d bad prediction(s) (--skip-invalid):\n  %s",
                     path, len(problems), "\n  ".join(problems))
+    return _detections(columns)
+
+
+def detections_from_results(results: dict[str, Any]) -> Detections:
+    """The `results` mapping of a prediction file, held in memory (e.g. a validation pass), as Detections."""
+    columns, problems = _read_rows(Path("<in-memory results>"), results)
+    if problems:
+        raise AnnotationError(problems, header=f"{len(problems)} bad prediction(s)")
+    return _detections(columns)
+
+
+def _detections(columns: list) -> Detections:
     vids, starts, ends, scores, labels = columns
     return Detections(np.array(vids, dtype=object), np.array(starts, dtype=np.float64),
                       np.array(ends, dtype=np.float64), np.array(scores, dtype=np.float64),

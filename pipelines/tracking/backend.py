@@ -1,4 +1,5 @@
-"""The MLflow calls themselves: clients, experiments, batches within MLflow's limits, models.
+"""The MLflow calls themselves: clients, experiments, batches within MLflow's limits, models,
+closing runs a killed job left RUNNING, and MLflow's system-metrics sampler.
 
 Everything here may raise; pipelines.tracking.tracker decides what to retry, queue or drop.
 MLflow is imported on first use: it costs seconds, and disabled trackers never need it.
@@ -7,7 +8,10 @@ MLflow is imported on first use: it costs seconds, and disabled trackers never n
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
 import json
+import logging
 import math
 import os
 import tempfile
@@ -28,6 +32,8 @@ MAX_TAG_VALUE_CHARS = 8000
 # Server-side codes that a later try may not see again (overload, a locked database).
 _TRANSIENT_REST_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 _CLIENTS: dict[str, Any] = {}
+_MONITOR_STOP_SEC = 5.0  # how long the end of training waits for the system-metrics sampler to stop
+_log = logging.getLogger(__name__)
 
 
 def mlflow_module() -> Any:
@@ -216,3 +222,80 @@ def log_model(mlflow_client: Any, uri: str, run_id: str, exp_id: str, model: tor
     if register_as is not None and info.registered_model_version is not None:
         return f"models:/{register_as}/{info.registered_model_version}"
     return info.model_uri
+
+
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy in eval mode, made without a second copy on the GPU; training keeps the original."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else cpu
+    return copy.deepcopy(model, memo).eval()
+
+
+def _quoted(value: str) -> str | None:
+    """`value` as a search-filter string constant; None when it holds both quote characters."""
+    if "'" not in value:
+        return f"'{value}'"
+    return f'"{value}"' if '"' not in value else None
+
+
+def close_running(mlflow_client: Any, experiment_id: str, reason: str, run_name: str | None = None,
+                  parent_run_id: str | None = None, status: str = "KILLED") -> int:
+    """End the RUNNING runs of the experiment with this name and/or parent as `status`, tagged
+    lofi.closed_by=reason; returns how many. Without a parent, only top-level runs of that name
+    match. A closed run's own RUNNING children are closed with it: their job died with it."""
+    if run_name is None and parent_run_id is None:
+        raise ValueError("close_running needs a run name or a parent run id; it would close every top-level run")
+    terms = ["attributes.status = 'RUNNING'"]
+    for key, value in (("mlflow.runName", run_name), ("mlflow.parentRunId", parent_run_id)):
+        if value is not None:
+            constant = _quoted(value)
+            if constant is None:
+                return 0  # not expressible as a filter: leave the runs alone rather than guess
+            terms.append(f"tags.`{key}` = {constant}")
+    runs = mlflow_client.search_runs([experiment_id], filter_string=" and ".join(terms), max_results=1000)
+    closed = 0
+    for run in runs:
+        if parent_run_id is None and "mlflow.parentRunId" in run.data.tags:
+            continue
+        log_batch(mlflow_client, run.info.run_id, tags=[("lofi.closed_by", reason)])
+        mlflow_client.set_terminated(run.info.run_id, status)  # end time: now
+        closed += 1 + close_running(mlflow_client, experiment_id, reason, parent_run_id=run.info.run_id, status=status)
+    return closed
+
+
+def close_children(mlflow_client: Any, parent_run_id: str, experiment: str, status: str, reason: str) -> int:
+    """close_running for the children of a run, in its experiment and in `experiment` (by name)."""
+    experiments = {mlflow_client.get_run(parent_run_id).info.experiment_id}
+    named = mlflow_client.get_experiment_by_name(experiment)
+    if named is not None:
+        experiments.add(named.experiment_id)
+    return sum(close_running(mlflow_client, exp, reason, parent_run_id=parent_run_id, status=status)
+               for exp in sorted(experiments))
+
+
+def start_system_metrics(uri: str, run_id: str) -> Any | None:
+    """MLflow's sampler of CPU, memory, disk, network (and GPU, with pynvml) logging system/* metrics
+    to the run every 10 s, started; None without psutil, which it needs (not a lofi dependency)."""
+    if importlib.util.find_spec("psutil") is None:
+        _log.info("lofi tracking: no system metrics (pip install psutil, and pynvml for GPUs, to log them)")
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop the sampler; waits at most a few seconds (its last send to a dead server could take
+    minutes with MLflow's own retries), then leaves the daemon thread to die with the process."""
+    import threading
+
+    stopper = threading.Thread(target=monitor.finish, daemon=True, name="lofi-stop-system-metrics")
+    stopper.start()
+    stopper.join(_MONITOR_STOP_SEC)

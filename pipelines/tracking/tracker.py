@@ -12,6 +12,11 @@ then stay RUNNING on that server. The queue holds at most MAX_PENDING_CALLS call
 that new calls are dropped (counted, one warning). A call that fails for any other reason
 (a refused value, a deleted experiment) is dropped with a warning at once.
 
+A killed job leaves its runs RUNNING: creating a run first ends, as KILLED, the RUNNING runs of
+the same name and parent in its experiment (and their RUNNING children), tagged lofi.closed_by.
+So two live runs must not share a name and parent (a rerun of a stage's run.name is meant to
+replace the old one). `review.close_running_children` does the same for the children of one run.
+
 Nothing here touches checkpoints: they are written by the training stage on its own.
 Not thread-safe: one tracker per process (rank 0) and thread, as the stages use it.
 """
@@ -19,7 +24,6 @@ Not thread-safe: one tracker per process (rank 0) and thread, as the stages use 
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 import io
 import json
@@ -41,7 +45,8 @@ from pipelines.tracking.config import TrackingConfig, TrackingWarning, resolve_t
 MAX_PENDING_CALLS = 10_000
 _BACKOFF_SEC = 0.25
 _MAX_BACKOFF_SEC = 2.0
-_STATUSES = ("FINISHED", "FAILED", "KILLED")
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+_REPLACED = "a new run of the same name started"  # the lofi.closed_by tag of a run closed by its rerun
 _OPEN: set[Tracker] = set()  # runs to end as KILLED if the process exits without ending them
 _log = logging.getLogger(__name__)
 
@@ -74,26 +79,16 @@ def _end_open_runs() -> None:
         tracker.end("KILLED")
 
 
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A CPU copy in eval mode, made without a second copy on the GPU; training keeps the original."""
-    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    memo: dict[int, Any] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        cpu = tensor.detach().to("cpu", copy=True)
-        memo[id(tensor)] = torch.nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else cpu
-    return copy.deepcopy(model, memo).eval()
-
-
 class Tracker:
     """A context manager around one MLflow run; see the module docstring for failures.
 
     `Tracker.start(cfg, "train", parent_run_id=...)` opens a run (a child run when given its
     parent's id, e.g. passed to a Ray worker); `tracker.child("eval")` opens a child run of
-    this one. `enabled=False` (non-zero ranks) gives a tracker that does nothing and never
-    imports MLflow. Leaving the `with` block ends the run FINISHED, FAILED on an exception
-    (its message in the tag `lofi.error`) or KILLED on KeyboardInterrupt.
+    this one; `Tracker.attach(cfg, run_id)` logs to a run that exists (the stage's run, from
+    the rank-0 Ray worker) and never creates or ends it. `enabled=False` (non-zero ranks) gives a
+    tracker that does nothing and never imports MLflow. Leaving the `with` block ends the run
+    FINISHED, FAILED on an exception (its message in the tag `lofi.error`) or KILLED on
+    KeyboardInterrupt; an attached tracker only sends what is queued.
     """
 
     def __init__(self, cfg: TrackingConfig, run_name: str, parent_run_id: str | None = None,
@@ -113,6 +108,9 @@ class Tracker:
         self._overflow: Counter[str] = Counter()  # calls dropped because the queue was full, by kind
         self._ended = False
         self._dead = False  # the run could not be created: nothing more is tried
+        self._attach_id: str | None = None  # attached: the existing run's id (set before _open)
+        self._system_metrics = False  # attached: also run MLflow's system-metrics sampler
+        self._monitor: Any = None  # that sampler, once started
 
     @classmethod
     def start(cls, cfg: TrackingConfig, run_name: str, parent_run_id: str | None = None,
@@ -120,6 +118,29 @@ class Tracker:
         tracker = cls(cfg, run_name, parent_run_id=parent_run_id, tags=tags, enabled=enabled)
         tracker._open()
         return tracker
+
+    @classmethod
+    def attach(cls, cfg: TrackingConfig, run_id: str, run_name: str = "", system_metrics: bool = False,
+               enabled: bool = True) -> Tracker:
+        """Log to the existing run `run_id` with `start`'s queue and promises, but never create, end
+        or tag it with errors; `end()` sends what is queued and detaches. `system_metrics`: also run
+        MLflow's system/* sampler (CPU, memory, disk, network; GPU with pynvml) when psutil imports."""
+        tracker = cls(cfg, run_name or run_id, enabled=enabled)
+        tracker._attach_id, tracker._system_metrics = run_id, system_metrics
+        tracker._open()
+        return tracker
+
+    def logged_steps(self, key: str) -> set[int] | None:
+        """The steps at which the run holds metric `key`, whoever logged them; None when that is not
+        known (no run yet, calls still queued, MLflow unreachable: one short try, no retries)."""
+        if not self.active or self.run_id is None or self._pending:
+            return None
+        try:
+            with backend.request_limits(self.cfg.timeout_sec):
+                return {m.step for m in self._client().get_metric_history(self.run_id, key)}
+        except Exception as err:
+            self._warn(f"could not read metric {key!r}: {type(err).__name__}: {err}")
+            return None
 
     def child(self, run_name: str, tags: dict[str, Any] | None = None) -> Tracker:
         """A run nested under this one (tag mlflow.parentRunId), with the same config."""
@@ -135,7 +156,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc_type is None or (issubclass(exc_type, SystemExit) and getattr(exc, "code", 1) in (0, None)):
+        clean = exc_type is None or (issubclass(exc_type, SystemExit) and getattr(exc, "code", 1) in (0, None))
+        if clean or self._attach_id is not None:  # an attached run's owner records how it ended
             self.end("FINISHED")
             return False
         self.set_tags({"lofi.error": f"{exc_type.__name__}: {exc}"})
@@ -215,22 +237,26 @@ class Tracker:
         """
         register = register_as if register_as is not None else self.cfg.register_model_as
         example = input_example.detach().to("cpu", copy=True) if input_example is not None else None
-        send = functools.partial(self._send_model, _cpu_copy(model), name, example, tuple(dynamic_dims), register)
+        send = functools.partial(self._send_model, backend.cpu_copy(model), name, example, tuple(dynamic_dims), register)
         self._submit(_Call(f"log_torch_model {name}", send))
 
     def end(self, status: str = "FINISHED") -> None:
-        """Send what is queued and mark the run FINISHED, FAILED or KILLED; later calls do nothing."""
+        """Send what is queued and mark the run FINISHED, FAILED or KILLED (attached: leave it running);
+        later calls do nothing."""
         if not self.enabled or self._ended:
             return
         self._ended = True
         _OPEN.discard(self)
+        if self._monitor is not None:
+            backend.stop_system_metrics(self._monitor)
         if self._dead:
             return
-        if status not in _STATUSES:
-            self._warn(f"end(status={status!r}) is not one of {_STATUSES}; ending the run as FAILED")
+        if status not in STATUSES:
+            self._warn(f"end(status={status!r}) is not one of {STATUSES}; ending the run as FAILED")
             status = "FAILED"
         end_ms = int(time.time() * 1000)
-        self._pending.append(_Call(f"end run as {status}", functools.partial(self._send_end, status, end_ms)))
+        if self._attach_id is None:  # an attached tracker leaves the run to its owner
+            self._pending.append(_Call(f"end run as {status}", functools.partial(self._send_end, status, end_ms)))
         try:
             self._flush(final=True)
         except Exception as err:  # the promise holds at the very end too
@@ -238,7 +264,9 @@ class Tracker:
         unsent = self._overflow + Counter(call.what.split()[0] for call in self._pending)
         if unsent:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(unsent.items()))
-            if self.run_id is None:
+            if self._attach_id is not None:
+                outcome = f"run {self._attach_id} lacks them"
+            elif self.run_id is None:
                 outcome = "the run was never created"
             else:
                 outcome = f"run {self.run_id} may show RUNNING there" if self._pending else f"run {self.run_id} ended {status}"
@@ -261,7 +289,10 @@ class Tracker:
             atexit.unregister(_end_open_runs)
             atexit.register(_end_open_runs)
         _OPEN.add(self)
-        self._submit(_Call(f"create run {self.run_name!r}", self._create_run, creates_run=True))
+        if self._attach_id is not None:
+            self._submit(_Call(f"attach to run {self._attach_id}", self._attach_run, creates_run=True))
+        else:
+            self._submit(_Call(f"create run {self.run_name!r}", self._create_run, creates_run=True))
 
     def _submit(self, call: _Call) -> None:
         if len(self._pending) >= MAX_PENDING_CALLS:
@@ -331,8 +362,32 @@ class Tracker:
         parent_id = self._parent_run_id or self._parent_id()
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
+        self._close_replaced(parent_id)  # first: a transient failure here retries both, so one run is made
         run = self._client().create_run(self._experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
+
+    def _close_replaced(self, parent_id: str | None) -> None:
+        """End as KILLED the RUNNING runs of this name and parent: a killed job left them so."""
+        try:
+            closed = backend.close_running(self._client(), self._experiment_id, _REPLACED, run_name=self.run_name,
+                                           parent_run_id=parent_id)
+        except Exception as err:
+            if backend.is_transient(err):
+                raise
+            self._warn(f"runs left RUNNING under this name stay so: {type(err).__name__}: {err}")
+            return
+        if closed:
+            _log.warning("lofi tracking (%s): ended %d run(s) of this name left RUNNING (a killed job's) as KILLED",
+                         self.run_name, closed)
+
+    def _attach_run(self) -> None:
+        run = self._client().get_run(self._attach_id)  # a missing run is refused: nothing is logged
+        self._experiment_id, self.run_id = run.info.experiment_id, run.info.run_id
+        if self._system_metrics and self._monitor is None:
+            try:
+                self._monitor = backend.start_system_metrics(self._uri, self.run_id)
+            except Exception as err:  # the sampler is extra: the run's metrics go on without it
+                self._warn(f"no system metrics: {type(err).__name__}: {err}")
 
     def _parent_id(self) -> str | None:
         parent = self._parent
@@ -372,3 +427,4 @@ class Tracker:
             self.logged_models.append(uri)
             _log.info("lofi tracking (%s): logged model %s", self.run_name, uri)
             return
+

@@ -40,30 +40,40 @@ Kernels without a deterministic version still vary on CUDA (G-TAD's sparse ops; 
 warns). The RNG states are saved as well, as a record and for code that draws outside the
 epoch seeds.
 
-Tracking: the stage's MLflow run is opened on the driver and workers never talk to MLflow.
-After `fit` the driver logs each epoch's metrics from `Result.metrics_dataframe` (one row per
-reported checkpoint: each finished epoch once, also after restarts), then the artifacts.
-The rank-0 worker prints one progress line per epoch.
+Tracking: the stage's MLflow run is opened on the driver (so it exists, and ends FAILED or
+KILLED, whatever the workers do) and handed to `fit(..., tracker=)`, which passes its id and the
+tracking URI resolved on the driver to the workers. The rank-0 worker attaches to that run
+(`Tracker.attach`: it never creates or ends it) and logs each epoch's numeric metrics at
+step = epoch right after validation, so a long run can be watched in MLflow as it trains; with
+psutil installed it also runs MLflow's system/* metrics sampler on its machine. Other ranks
+never import MLflow. An unreachable server never stops training (pipelines.tracking). A restarted
+worker group attaches again and logs from the epoch it resumes at; an epoch cut off between its
+log and its checkpoint is logged again (the same step and values). After training, `fit` logs
+from `Result.metrics_dataframe` the epochs the run lacks: all of them when the driver had no run
+to hand over (MLflow unreachable at the start), else those the worker could not send (a SQLite
+file it cannot reach, a queue lost with a killed worker). Then the driver logs the training
+curves figure and the artifacts. The rank-0 worker prints one progress line per epoch.
 
-Layout: `worker.py` (the loop, checkpoints, numerics), `driver.py` (the trainer, datasets,
+Layout: `worker.py` (the loop, checkpoints, live tracking, numerics), `driver.py` (the trainer, datasets,
 results, tracking, summaries).
 
 Test hook: with LOFI_TEST_PAUSE="<epoch>:<pid file>" in the driver's environment, the rank-0
 worker, at the start of that epoch and only while the file does not exist, writes its PID
-there and sleeps (up to 120 s) so that a test can kill it.
+there and waits (up to 120 s) so that a test can kill it, or look at the run and then empty
+(or delete) the file to let it go on.
 """
 
 from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, finish_stage, fit, fits_in_memory,
-                                      log_training, numeric,
-                                      stage_tracker, summary_lines, table_dataset)
+                                      log_epochs, log_missing_epochs, log_training, stage_tracker, summary_lines,
+                                      table_dataset)
 from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, all_reduce, build_optimizer,
-                                      peak_memory_bytes, progress_line, rng_state, say, seed_epoch, set_rng_state,
-                                      worker_loop)
+                                      numeric, peak_memory_bytes, progress_line, rng_state, say, seed_epoch,
+                                      set_rng_state, worker_loop)
 
 __all__ = [
     "finish_stage",
     "PAUSE_ENV", "STATE_FILE", "StageLoop", "StepOutput", "WorkerContext", "all_reduce", "build_optimizer",
-    "epoch_history", "final_state", "fit", "fits_in_memory", "log_training", "numeric", "peak_memory_bytes",
+    "epoch_history", "final_state", "fit", "fits_in_memory", "log_epochs", "log_missing_epochs", "log_training", "numeric", "peak_memory_bytes",
     "progress_line", "rng_state", "say", "seed_epoch", "set_rng_state", "stage_tracker", "summary_lines",
     "table_dataset", "worker_loop",
 ]

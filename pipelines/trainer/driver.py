@@ -13,7 +13,7 @@ import torch
 from lofi.config import to_dict
 from lofi.errors import LofiError
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.trainer.worker import STATE_FILE
+from pipelines.trainer.worker import STATE_FILE, numeric
 
 PAUSE_ENV = "LOFI_TEST_PAUSE"
 
@@ -52,11 +52,13 @@ def table_dataset(table: Any) -> Any:
 
 
 def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+        datasets: dict[str, Any], callbacks: Sequence[Any] = (), tracker: Any = None) -> Any:
     """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result.
 
     `callbacks`: Ray Train callbacks, e.g. a Tune trial's TuneReportCallback (tuning/), which
-    forwards every epoch's report to Tune."""
+    forwards every epoch's report to Tune. `tracker`: the stage's Tracker; each epoch's metrics
+    go to its run live from the rank-0 worker, and after training `fit` logs from the result the
+    epochs the run lacks (all of them when it had no run to hand over: MLflow was unreachable)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -65,7 +67,9 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
     if not is_v2_enabled():
         raise LofiError("lofi needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
-    config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), **loop_config}
+    live = _live_run(tracker)
+    config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), "mlflow": live,
+              **loop_config}
     trainer = TorchTrainer(
         loop, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -77,12 +81,35 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
                              # would bury the one progress line per epoch the loop prints
                              logging_config=LoggingConfig(log_level="WARNING")))
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except TrainingFailedError as err:
         user = _worker_user_error(err)
         if user is not None:
             raise user from err
         raise
+    if tracker is not None:
+        log_missing_epochs(tracker, epoch_history(result), handed_over=live is not None)
+    return result
+
+
+def log_missing_epochs(tracker: Any, history: list[dict[str, Any]], handed_over: bool) -> None:
+    """The epochs the workers did not get into the run (their MLflow was unreachable, e.g. a SQLite
+    file on another node; or queued calls died with a killed worker), so each epoch is there once.
+    When the run's epochs cannot be read, none is logged again: better a gap than a duplicate."""
+    if handed_over:
+        logged = tracker.logged_steps("epoch")
+        history = [] if logged is None else [row for row in history if int(row["epoch"]) not in logged]
+    log_epochs(tracker, history)
+
+
+def _live_run(tracker: Any) -> dict[str, str] | None:
+    """What the rank-0 worker needs to attach to the stage's run: its id and the tracking URI as
+    resolved here (a relative SQLite path means this process's working directory, not the worker's)."""
+    if tracker is None or not tracker.active or tracker.run_id is None:
+        return None
+    from pipelines.tracking import resolve_tracking_uri
+
+    return {"run_id": tracker.run_id, "tracking_uri": resolve_tracking_uri(tracker.cfg)}
 
 
 def _worker_user_error(err: Exception) -> LofiError | None:
@@ -105,11 +132,6 @@ def epoch_history(result: Any) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["epoch"])
 
 
-def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
-
-
 def final_state(result: Any) -> dict[str, Any]:
     """state.pt of the run's last checkpoint (model, optimizer, epoch, ...), on the CPU."""
     if result.checkpoint is None:
@@ -118,10 +140,15 @@ def final_state(result: Any) -> dict[str, Any]:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def log_training(tracker: Any, history: list[dict[str, Any]]) -> None:
-    """Per-epoch metrics (step = epoch) and, where pipelines.plots is there, the training curves."""
+def log_epochs(tracker: Any, history: list[dict[str, Any]]) -> None:
+    """Each epoch's numeric metrics at step = epoch (what the rank-0 worker logs live)."""
     for row in history:
         tracker.log_metrics(numeric(row), step=int(row["epoch"]))
+
+
+def log_training(tracker: Any, history: list[dict[str, Any]]) -> None:
+    """The training curves figure, where pipelines.plots is there. The epochs' metrics are in the
+    run already: `fit(..., tracker=)` logs them."""
     try:
         from pipelines.plots import training_curves
     except ImportError:

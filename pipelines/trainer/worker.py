@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -138,19 +139,41 @@ def worker_loop(stage: StageLoop, config: dict[str, Any]) -> None:
     if parts.start_epoch >= ctx.optim.epochs and ctx.rank == 0:
         say(f"lofi {stage.name.replace('_', '-')}: all {ctx.optim.epochs} epochs are done (checkpoint found); "
             "nothing to train")
-    for epoch in range(parts.start_epoch, ctx.optim.epochs):
-        seed_epoch(ctx.cfg.run.seed, epoch, ctx.rank)
-        _pause_hook(ctx, epoch)
-        metrics = _train_epoch(stage, ctx, parts, epoch)
-        parts.module.eval()
-        started = time.perf_counter()
-        with torch.no_grad():
-            metrics.update(stage.validate(ctx, parts.module, epoch))
-        metrics["val_seconds"] = time.perf_counter() - started
-        parts.scheduler.step()
-        if ctx.rank == 0:
-            say(progress_line(stage, ctx.optim.epochs, metrics))
-        _report(stage, ctx, parts, epoch, metrics)
+    tracker = _attach_tracker(ctx, stage)
+    try:
+        for epoch in range(parts.start_epoch, ctx.optim.epochs):
+            seed_epoch(ctx.cfg.run.seed, epoch, ctx.rank)
+            _pause_hook(ctx, epoch)
+            metrics = _train_epoch(stage, ctx, parts, epoch)
+            parts.module.eval()
+            started = time.perf_counter()
+            with torch.no_grad():
+                metrics.update(stage.validate(ctx, parts.module, epoch))
+            metrics["val_seconds"] = time.perf_counter() - started
+            parts.scheduler.step()
+            if ctx.rank == 0:
+                say(progress_line(stage, ctx.optim.epochs, metrics))
+            if tracker is not None:
+                # before the report, whose checkpoint write takes a while: the epoch shows up as soon as it is
+                # known. A worker killed in between logs the epoch again when it reruns it (the same step).
+                tracker.log_metrics(numeric(metrics), step=epoch)
+            _report(stage, ctx, parts, epoch, metrics)
+    finally:
+        if tracker is not None:
+            tracker.end()  # sends what is queued; the run stays the driver's to end
+
+
+def _attach_tracker(ctx: WorkerContext, stage: StageLoop) -> Any:
+    """Rank 0's Tracker on the stage's MLflow run (with system metrics); None on other ranks (they
+    never import MLflow) and when the driver had no run to hand over (it logs the epochs itself)."""
+    live = ctx.config.get("mlflow")
+    if ctx.rank != 0 or not live:
+        return None
+    from pipelines.tracking import Tracker
+
+    cfg = dataclasses.replace(ctx.cfg.tracking, tracking_uri=live["tracking_uri"])
+    return Tracker.attach(cfg, live["run_id"], run_name=f"{ctx.cfg.run.name}/{stage.name} rank 0",
+                          system_metrics=True)
 
 
 def quiet_report_log() -> None:
@@ -213,9 +236,12 @@ def _pause_hook(ctx: WorkerContext, epoch: int) -> None:
     if not hook or ctx.rank != 0:
         return
     at, _, pid_file = hook.partition(":")
-    if int(at) == epoch and not Path(pid_file).exists():
-        Path(pid_file).write_text(str(os.getpid()))
-        time.sleep(120)
+    path = Path(pid_file)
+    if int(at) == epoch and not path.exists():
+        path.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and path.exists() and path.read_text():  # emptied: go on
+            time.sleep(0.2)
 
 
 def _read_checkpoint(checkpoint: Any, rank: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -248,6 +274,12 @@ def say(line: str) -> None:
     Train V2 patches print to log each line as well, which the driver then shows twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics MLflow can take: numbers (a fidelity level's name is left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
 
 
 def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:

@@ -124,3 +124,26 @@ def test_missing_head_is_one_clear_error(run_dir, capsys):
     assert lofi_main(argv) == 2
     err = capsys.readouterr().err
     assert "head/model.pt does not exist: run `lofi train-head`" in err and "Traceback" not in err
+
+
+def test_in_memory_scoring_of_validation_detections_matches_hand_worked_cases():
+    """Stage 2 scores its validation detections without files: exact hits score 1, a wrong class
+    scores 0, and half the ground truth found (at every tIoU) scores 0.5."""
+    from pipelines.batches import VideoLabel
+    from pipelines.detect import score_in_memory
+
+    videos = [VideoLabel("a", "validation", 30.0, ((2.0, 8.0), (20.0, 26.0)), (0, 1), ("jump", "spin")),
+              VideoLabel("b", "validation", 20.0, ((5.0, 9.0),), (0,), ("jump",))]
+    labels = ["jump", "spin"]
+
+    def entry(start: float, end: float, label: str, score: float = 0.9) -> dict:
+        return {"segment": [start, end], "label": label, "score": score}
+
+    exact = {"a": [entry(2, 8, "jump"), entry(20, 26, "spin")], "b": [entry(5, 9, "jump")]}
+    assert score_in_memory(videos, labels, exact, "anet")["average_mAP"] == pytest.approx(1.0)
+    swapped = {"a": [entry(2, 8, "spin"), entry(20, 26, "jump")], "b": [entry(5, 9, "spin")]}
+    assert score_in_memory(videos, labels, swapped, "anet")["average_mAP"] == pytest.approx(0.0)
+    # jump: 1 of 2 found with precision 1 -> AP 0.5; spin: found -> 1; mAP (0.5 + 1) / 2
+    partial = {"a": [entry(2, 8, "jump"), entry(20, 26, "spin")], "b": []}
+    result = score_in_memory(videos, labels, partial, "thumos")
+    assert result["mAP"] == pytest.approx([0.75] * 5) and result["average_mAP"] == pytest.approx(0.75)

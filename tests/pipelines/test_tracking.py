@@ -9,6 +9,7 @@ overlaps the SQLite tests.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ import yaml
 from lofi.config import ConfigError, from_dict
 from lofi.models.encoders import EncoderConfig, build_encoder
 from pipelines import plots
-from pipelines.tracking import Tracker, TrackingConfig, TrackingWarning, mlflow_ui_command, resolve_tracking_uri
+from pipelines.tracking import (Tracker, TrackingConfig, TrackingWarning, close_running_children, mlflow_ui_command,
+                                resolve_tracking_uri)
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 
@@ -352,3 +354,205 @@ def test_outage_is_queued_and_sent_when_the_server_answers_again(server_uri):
     history = MlflowClient(server_uri).get_metric_history(run.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(6)]
     assert runs_by_name(server_uri, "outage")["train"].info.status == "FINISHED"
+
+
+# ---- runs a killed job left RUNNING ----
+
+def _left_running(client, exp_id: str, name: str, parent=None, status: str | None = None) -> str:
+    """A run as a killed job leaves it: created, never ended (unless `status`)."""
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    if status:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def _statuses(client, run_ids: dict[str, str]) -> dict[str, str]:
+    return {what: client.get_run(run_id).info.status for what, run_id in run_ids.items()}
+
+
+@pytest.mark.slow
+def test_a_new_run_ends_its_namesakes_left_running_as_killed(sqlite_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_uri)
+    exp = client.create_experiment("replaced", artifact_location=str(tmp_path / "art"))
+    sweep, other_sweep = _left_running(client, exp, "sweep"), _left_running(client, exp, "sweep2")
+    runs = {"same name and parent": _left_running(client, exp, "w1/train", sweep),
+            "another name": _left_running(client, exp, "w1/train_head", sweep),
+            "another parent": _left_running(client, exp, "w1/train", other_sweep),
+            "top level": _left_running(client, exp, "w1/train"),
+            "ended": _left_running(client, exp, "w1/train", sweep, status="FINISHED")}
+    runs["child of top level"] = _left_running(client, exp, "w1/train_head", runs["top level"])
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="replaced")
+
+    with Tracker.start(cfg, "w1/train", parent_run_id=sweep) as rerun:
+        assert _statuses(client, runs) == {"same name and parent": "KILLED", "another name": "RUNNING",
+                                           "another parent": "RUNNING", "top level": "RUNNING", "ended": "FINISHED",
+                                           "child of top level": "RUNNING"}
+    killed = client.get_run(runs["same name and parent"])
+    assert killed.data.tags["lofi.closed_by"] == "a new run of the same name started"
+    assert killed.info.end_time is not None and "lofi.closed_by" not in client.get_run(runs["ended"]).data.tags
+    # a top-level run replaces the top-level namesake (and its children, which died with it), nothing nested
+    with Tracker.start(cfg, "w1/train") as top:
+        pass
+    assert _statuses(client, runs) == {"same name and parent": "KILLED", "another name": "RUNNING",
+                                       "another parent": "RUNNING", "top level": "KILLED", "ended": "FINISHED",
+                                       "child of top level": "KILLED"}
+    assert _statuses(client, {"rerun": rerun.run_id, "top": top.run_id, "sweep": sweep}) == {
+        "rerun": "FINISHED", "top": "FINISHED", "sweep": "RUNNING"}
+
+
+@pytest.mark.slow
+def test_close_running_children_ends_only_the_running_children_of_that_parent(sqlite_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_uri)
+    exp = client.create_experiment("sweep", artifact_location=str(tmp_path / "art"))
+    sweep, other = _left_running(client, exp, "sweep"), _left_running(client, exp, "other")
+    runs = {"trial 1": _left_running(client, exp, "t1", sweep), "trial 2": _left_running(client, exp, "t2", sweep),
+            "done": _left_running(client, exp, "t3", sweep, status="FINISHED"),
+            "other's": _left_running(client, exp, "t1", other), "sweep": sweep}
+    runs["trial 2's stage"] = _left_running(client, exp, "t2/train", runs["trial 2"])
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="sweep")
+
+    assert close_running_children(cfg, sweep, reason="ASHA stopped the trial") == 3
+    assert _statuses(client, runs) == {"trial 1": "KILLED", "trial 2": "KILLED", "done": "FINISHED",
+                                       "other's": "RUNNING", "sweep": "RUNNING", "trial 2's stage": "KILLED"}
+    assert client.get_run(runs["trial 1"]).data.tags["lofi.closed_by"] == "ASHA stopped the trial"
+    assert close_running_children(cfg, sweep) == 0
+    assert close_running_children(dataclasses.replace(cfg, enabled=False), other) == 0
+    assert client.get_run(runs["other's"]).info.status == "RUNNING"
+    down = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", timeout_sec=1.0)
+    with pytest.warns(TrackingWarning, match=f"the children of run {other} were not closed"):
+        assert close_running_children(down, other) == 0
+
+
+# ---- a stage's run, logged to from the rank-0 worker ----
+
+@pytest.mark.slow
+def test_an_attached_tracker_logs_to_the_run_and_never_ends_it(sqlite_uri, recwarn):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_uri)
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="attached")
+    with Tracker.start(cfg, "w1/train") as owner:
+        with Tracker.attach(cfg, owner.run_id, run_name="w1/train rank 0", system_metrics=True) as worker:
+            worker.log_metrics({"loss": 0.5}, step=0)
+        assert worker.run_id == owner.run_id and client.get_run(owner.run_id).info.status == "RUNNING"
+        with pytest.raises(ValueError, match="worker died"):
+            with Tracker.attach(cfg, owner.run_id) as failing:
+                failing.log_metrics({"loss": 0.25}, step=1)
+                raise ValueError("worker died")  # a restarted worker group may still finish the run
+        run = client.get_run(owner.run_id)
+        assert run.info.status == "RUNNING" and "lofi.error" not in run.data.tags
+    assert not [w for w in recwarn if issubclass(w.category, TrackingWarning)]
+    run = client.get_run(owner.run_id)
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(owner.run_id, "loss")] == [(0, 0.5), (1, 0.25)]
+    if importlib.util.find_spec("psutil") is None:  # MLflow's sampler needs it: without, no system metrics
+        assert not [key for key in run.data.metrics if key.startswith("system/")]
+    with pytest.warns(TrackingWarning, match="no run: attach to run"):
+        missing = Tracker.attach(cfg, "0" * 32)
+    missing.log_metrics({"loss": 1.0}, step=0)  # nothing logged, nothing raised
+    missing.end()
+
+
+@pytest.mark.slow
+def test_an_attached_tracker_logs_system_metrics_when_psutil_is_there(sqlite_uri, monkeypatch):
+    pytest.importorskip("psutil")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="system")
+    with Tracker.start(cfg, "w1/train") as owner:
+        with Tracker.attach(cfg, owner.run_id, system_metrics=True):
+            time.sleep(2.0)
+    metrics = MlflowClient(sqlite_uri).get_run(owner.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+
+@pytest.mark.slow
+def test_after_training_only_the_epochs_the_run_lacks_are_logged(sqlite_uri):
+    from mlflow import MlflowClient
+
+    from pipelines.trainer import log_missing_epochs
+
+    client = MlflowClient(sqlite_uri)
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="gaps")
+    history = [{"epoch": e, "loss_total": 1.0 / (e + 1), "level": "s_lofi"} for e in range(3)]
+    with Tracker.start(cfg, "w1/train") as handed, Tracker.attach(cfg, handed.run_id) as worker:
+        worker.log_metrics({"epoch": 1, "loss_total": 0.5}, step=1)  # the worker got epoch 1 out only
+        log_missing_epochs(handed, history, handed_over=True)
+    with Tracker.start(cfg, "w1/train_head") as kept:  # no run to hand over: every epoch after training
+        log_missing_epochs(kept, history, handed_over=False)
+    for run_id in (handed.run_id, kept.run_id):
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss_total")) == [
+            (0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+
+
+def _write_head_features(folder: Path) -> None:
+    """4 training videos of 8 snippets of 8 features, one action each (class a or b) on noise."""
+    from pipelines.features import FeatureWriter
+
+    rng = np.random.default_rng(1)
+    writer = FeatureWriter(folder, num_snippets=8, feature_dim=8)
+    for i in range(4):
+        first, k = 1 + i, i % 2
+        feats = rng.normal(0.0, 0.1, (8, 8)).astype(np.float32)
+        feats[first:first + 3, k] += 1.0
+        writer.add({"video_id": f"v{i}", "subset": "training", "duration_sec": 16.0, "num_snippets": 8,
+                    "segment_start_sec": [2.0 * first], "segment_end_sec": [2.0 * first + 6.0],
+                    "segment_label": ["ab"[k]], "segment_label_id": [k]}, feats)
+    writer.commit({"labels": ["a", "b"], "fixed_grid": True, "level": "fake"})
+
+
+def _watch_paused_run(uri: str, run_name: str, pid_file: Path, seen: dict) -> None:
+    """While the rank-0 worker waits at the start of epoch 1: what MLflow shows of the stage's run."""
+    from mlflow import MlflowClient
+
+    try:
+        deadline = time.monotonic() + 300
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("live").experiment_id],
+                                  filter_string=f"tags.mlflow.runName = '{run_name}'")
+        seen["runs"] = len(runs)
+        seen["status"] = runs[0].info.status
+        seen["steps"] = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_total")]
+    finally:
+        pid_file.write_text("")  # lets the worker go on
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_stage_logs_each_epoch_to_mlflow_while_it_trains_and_once(ray_cluster, sqlite_uri, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines.config import PipelineConfig
+    from pipelines.train_head import run
+
+    cfg = from_dict(PipelineConfig, {
+        "run": {"name": "live", "storage": str(tmp_path), "seed": 5},
+        "head": {"name": "bmn", "hidden": 16, "num_sample": 4}, "data": {"val_subset": "validation"},
+        "train_head": {"optimizer": "adamw", "lr": 0.003, "epochs": 2, "batch_size": 4},
+        "tracking": {"tracking_uri": sqlite_uri, "experiment": "live"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    _write_head_features(cfg.run.dir() / "features")
+    pid_file, seen = tmp_path / "worker.pid", {}
+    monkeypatch.setenv("LOFI_TEST_PAUSE", f"1:{pid_file}")
+    watcher = threading.Thread(target=_watch_paused_run, args=(sqlite_uri, "live/train_head", pid_file, seen),
+                               daemon=True)
+    watcher.start()
+    result = run(cfg)
+    watcher.join(timeout=5)
+    # epoch 0 was in MLflow while the worker waited before epoch 1
+    assert seen == {"runs": 1, "status": "RUNNING", "steps": [0]}
+    client = MlflowClient(sqlite_uri)
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    for key in ("loss_total", "lr", "videos_per_sec", "train_seconds"):  # each epoch once: not again after fit
+        assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, key)) == [0, 1], key
+    last = client.get_metric_history(result.mlflow_run_id, "loss_total")
+    assert max(last, key=lambda m: m.step).value == pytest.approx(result.metrics["loss_total"])
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(result.mlflow_run_id)}

@@ -111,6 +111,8 @@ def test_train_follows_the_schedule_and_writes_encoder_and_model(one_worker):
     assert (m["level_num_snippets"], m["level_size_px"]) == (4, 32)  # C-LoFi: epoch 0 s_lofi, epoch 1 t_lofi
     assert m["lr"] == m["lr_encoder"] == 0.05  # not rescaled; StepLR halves only after 5 epochs
     assert 0 < m["activation_memory_bytes"] < 2**30
+    # the end-to-end model's own detections on the validation videos, scored every epoch (a sweep's metric)
+    assert 0.0 <= m["val_average_mAP"] <= 1.0 and "val_mAP_tIoU_0.50" in m
     encoder = build_encoder(EncoderConfig(width=8, checkpoint=result.artifacts["encoder"], checkpoint_format="lofi"))
     model = torch.load(result.artifacts["model"], weights_only=True)
     assert all(torch.equal(v, model[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
@@ -168,6 +170,8 @@ def test_two_workers_at_the_same_global_batch_match_one_worker(one_worker, shard
     two = run(cfg)
     assert two.metrics["global_batch"] == one.metrics["global_batch"] == 2  # per-worker batch 3, same steps
     _compare(one.metrics, two.metrics, ("loss_total", "loss_boundary", "loss_iou_reg", "val_loss_total"), 1e-5)
+    # each worker decodes its half of the validation videos; the gathered detections score like one worker's
+    assert two.metrics["val_average_mAP"] == pytest.approx(one.metrics["val_average_mAP"], abs=1e-3)
     _encoders_close(one.artifacts["encoder"], two.artifacts["encoder"], atol=1e-5)
 
 

@@ -160,7 +160,8 @@ def test_activation_memory_matches_a_direct_measurement_of_the_training_step():
     from lofi.memory import measure_step, synthetic_targets
     from lofi.models.encoders import EncoderConfig, build_encoder
     from pipelines.config import PipelineConfig
-    from pipelines.train import TALModel, activation_memory_bytes
+    from pipelines.step_memory import activation_memory_bytes
+    from pipelines.train import TALModel
 
     cfg = PipelineConfig(encoder=EncoderConfig(width=8, freeze_bn=True),
                          head=HeadConfig(name="bmn", hidden=16, num_sample=4))
@@ -196,7 +197,7 @@ def test_train_batches_follow_the_fidelity_schedule(cycle):
     from pipelines.train import TrainLoop
 
     cfg = PipelineConfig(fidelity=FidelityScheduleConfig(kind="c_lofi", cycle=cycle, every_batches=2))
-    loop = TrainLoop({"labels": {}, "num_classes": 1, "head_snippets": 8, "val_level": None})
+    loop = TrainLoop({"labels": {}, "num_classes": 1, "label_names": ["a"], "head_snippets": 8, "val_level": None})
     loop.schedule = FidelitySchedule(cfg.fidelity)
     ctx = _FakeContext(cfg)
     got = [(level.name, batch) for level, batch in loop.epoch_batches(ctx, epoch=1, global_batch=7)]
