@@ -102,7 +102,7 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, maximise: bool, budge
         ax.set_xlabel(label)
         ax.set_ylabel(f"{metric} (final epoch)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     return fig
 
 

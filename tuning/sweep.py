@@ -216,7 +216,9 @@ def run_tune(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any
         raise LofiError(f"{LOG}: {path} holds a Tune experiment of this sweep; continue it with --resume, or "
                         "choose another sweep name (--set name=...)")
     if scfg.search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs,
+        # max_t one past the last epoch: at max_t ASHA stops a trial, i.e. kills its actor, which at the
+        # last epoch would cut off the trial's outputs and MLflow run end (the trial ends on its own instead)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs + 1,
                                   grace_period=scfg.search.grace_period_epochs,
                                   reduction_factor=scfg.search.reduction_factor)
     else:
@@ -225,6 +227,9 @@ def run_tune(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any
         trainable, param_space={"point": tune.grid_search(launched)},
         tune_config=tune.TuneConfig(metric=scfg.search.metric, mode=scfg.search.mode, scheduler=scheduler,
                                     max_concurrent_trials=concurrency(scfg, base, len(launched)),
+                                    # a trial's process keeps torch, Ray Train and MLflow imported for the next:
+                                    # seconds per trial, which short trials feel (bench/sweep_overhead.py)
+                                    reuse_actors=True,
                                     trial_name_creator=lambda trial: trial.config["point"]["trial"],
                                     trial_dirname_creator=lambda trial: trial.config["point"]["trial"]),
         run_config=tune.RunConfig(name="tune", storage_path=str(scfg.dir()), verbose=1))

@@ -1,9 +1,11 @@
 """`lofi sweep` for real: Ray Tune over Ray Train V2 trials on a tiny generated dataset, MLflow read back.
 
-One sweep, three points: full fidelity (over the memory budget: never launched), then s_lofi at
-a working learning rate, then s_lofi at a learning rate of 1e-12 (its weights do not move).
-One trial at a time, 2 epochs, ASHA with a rung after epoch 1 on the validation loss: the
-second s_lofi trial is worse there than the first, so ASHA stops it. The sweep's driver is
+One sweep, four points: fidelity.kind {full, s_lofi} x train.lr {3e-3, 1e-12}. The two full
+fidelity points are over the memory budget and never launched; s_lofi at 3e-3 trains; s_lofi at
+1e-12 does not move its weights.
+One trial at a time, 3 epochs, ASHA with rungs after epochs 1 and 2 on the validation loss: the
+second s_lofi trial is worse there than the first, so ASHA stops it before its last epoch
+(which rung depends on what Tune's restored state kept of the first trial's early epochs). The sweep's driver is
 killed (SIGKILL) while the first trial trains and `--resume` finishes the sweep.
 """
 
@@ -45,7 +47,7 @@ def write_configs(tmp: Path, data: Path, address: str) -> tuple[Path, Path]:
         "head": {"name": "bmn", "hidden": 16, "num_sample": 4},
         "fidelity": {"kind": "s_lofi", "overrides": {n: {"num_snippets": t, "frames_per_snippet": 2, "size_px": s}
                                                      for n, (t, s) in LEVELS.items()}},
-        "train": {"optimizer": "adamw", "lr": GOOD_LR, "epochs": 2, "batch_size": 2, "shuffle_buffer_rows": 0},
+        "train": {"optimizer": "adamw", "lr": GOOD_LR, "epochs": 3, "batch_size": 2, "shuffle_buffer_rows": 0},
         "detect": {"top_k": 20},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "sweep-test"},
@@ -123,8 +125,8 @@ def test_over_budget_trials_are_not_launched_and_asha_stops_the_trial_that_falls
         assert rows[name]["status"] == "over_budget" and rows[name]["epochs"] == 0
         assert rows[name]["activation_memory_mib"] > budget * 1024
         assert not (tmp / "sweeps" / "tiny" / "trials" / name).exists()
-    assert rows["trial-02"]["status"] == "finished" and rows["trial-02"]["epochs"] == 2
-    assert rows["trial-03"]["status"] == "stopped_early" and rows["trial-03"]["epochs"] == 1
+    assert rows["trial-02"]["status"] == "finished" and rows["trial-02"]["epochs"] == 3
+    assert rows["trial-03"]["status"] == "stopped_early" and rows["trial-03"]["epochs"] in (1, 2)
     assert rows["trial-02"]["activation_memory_mib"] < budget * 1024
     assert summary["best"]["trial"] == "trial-02"
     with (tmp / "sweeps" / "tiny" / "results.csv").open() as handle:
@@ -151,8 +153,12 @@ def test_mlflow_holds_the_sweep_parent_with_a_child_per_launched_trial(swept):
     finished = [r for r in trials["trial-02/train"] if r.info.status == "FINISHED"]
     assert len(finished) == 1
     history = client.get_metric_history(finished[0].info.run_id, "val_loss_total")
-    assert sorted({h.step for h in history}) == [0, 1]  # a value per epoch
+    assert sorted({h.step for h in history}) == [0, 1, 2]  # a value per epoch
     assert finished[0].data.params["train.lr"] == str(GOOD_LR)
+    # the finished trial ended on its own (outputs written); the stopped one's run is closed for it
+    assert (tmp / "sweeps" / "tiny" / "trials" / "trial-02" / "train" / "encoder.pt").is_file()
+    assert [r.info.status for r in trials["trial-03/train"]] == ["KILLED"]
+    assert "ASHA" in trials["trial-03/train"][0].data.tags["lofi.closed_by"]
     # no run of this sweep is left RUNNING: the killed driver's, the stopped trial's
     running = client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
     assert not running, [r.info.run_name for r in running]
@@ -162,9 +168,9 @@ def test_the_killed_sweep_resumed_its_interrupted_trial_and_wrote_a_best_config_
     from pipelines.train import _plan
 
     tmp, summary, _, _ = swept
-    # the interrupted trial went on from its epoch-0 checkpoint: one directory of checkpoints, epochs 0 and 1
+    # the interrupted trial went on from its epoch-0 checkpoint: one folder of checkpoints, epochs 0-2
     checkpoints = sorted(p.name for p in (tmp / "sweeps" / "tiny" / "trials" / "trial-02" / "ray" / "train").glob("epoch-*"))
-    assert checkpoints == ["epoch-0000", "epoch-0001"]
+    assert checkpoints == ["epoch-0000", "epoch-0001", "epoch-0002"]
     best = load_config(PipelineConfig, tmp / "sweeps" / "tiny" / "best_config.yaml")
     assert best.fidelity.kind == "s_lofi" and best.train.lr == GOOD_LR and best.run.name == "tiny-best"
     assert _plan(best)["levels"][0].size_px == 16  # its shards and levels are there: `lofi train` starts from it
