@@ -1,7 +1,7 @@
 """What a sweep ends with: the trial table, the Pareto plots, the best config, the MLflow review.
 
 One row per planned trial (`results.csv`, printed sorted by the metric): trial, status
-(finished, stopped_early by ASHA, error, over_budget, duplicate), the metric's final and best
+(finished, stopped_early by ASHA, error, not_run, over_budget, duplicate), the metric's final and best
 epoch values, epochs run, activation memory per training step (MiB), wall seconds, the
 overrides and the trial's MLflow run id. `pareto.png`: the metric against activation memory
 and against wall time, the non-dominated trials joined. `best_config.yaml`: the best
@@ -37,6 +37,8 @@ def trial_rows(scfg: Any, trials: list[dict[str, Any]], grid: Any, runs: dict[st
                "overrides": "; ".join(f"{k}={v}" for k, v in trial["overrides"].items()),
                "mlflow_run_id": runs.get(f"{trial['trial']}/train", {}).get("run_id", ""), "note": trial["note"]}
         result = by_name.get(trial["trial"])
+        if result is None and trial["status"] == "launched":
+            row["status"], row["note"] = "not_run", "Tune holds no result of it (the sweep stopped before it ran?)"
         if result is not None:
             frame = result.metrics_dataframe
             values = [] if frame is None or metric not in frame else [v for v in frame[metric] if not math.isnan(v)]

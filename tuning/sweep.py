@@ -227,9 +227,11 @@ def run_tune(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any
         trainable, param_space={"point": tune.grid_search(launched)},
         tune_config=tune.TuneConfig(metric=scfg.search.metric, mode=scfg.search.mode, scheduler=scheduler,
                                     max_concurrent_trials=concurrency(scfg, base, len(launched)),
-                                    # a trial's process keeps torch, Ray Train and MLflow imported for the next:
-                                    # seconds per trial, which short trials feel (bench/sweep_overhead.py)
-                                    reuse_actors=True,
+                                    # Without early stopping a trial's process can serve the next one, with torch,
+                                    # Ray Train and MLflow imported: seconds per trial (bench/sweep_overhead.py).
+                                    # Not with ASHA: an actor whose trial it stopped mid-run was measured to stall
+                                    # its slot (the next trial there never ran).
+                                    reuse_actors=scfg.search.scheduler == "none",
                                     trial_name_creator=lambda trial: trial.config["point"]["trial"],
                                     trial_dirname_creator=lambda trial: trial.config["point"]["trial"]),
         run_config=tune.RunConfig(name="tune", storage_path=str(scfg.dir()), verbose=1))
