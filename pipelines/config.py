@@ -33,7 +33,12 @@ class RunSection:
     storage: str = "runs"  # root folder (local or shared filesystem) of all outputs
     seed: int = 0
     max_failures: int = 0  # Ray Train FailureConfig: restarts from the last checkpoint after a worker dies
+    keep_checkpoints: int = 2  # epoch checkpoints kept per training stage (Ray Train CheckpointConfig.num_to_keep)
     deterministic: bool = True  # training: torch.use_deterministic_algorithms (warn_only); slower on GPU
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (a run resumes from its latest), got {self.keep_checkpoints}")
 
     def dir(self) -> Path:
         return Path(self.storage).expanduser().resolve() / self.name

@@ -71,3 +71,16 @@ def synth_small(tmp_path_factory) -> Path:
             "--min-duration-sec", "20", "--max-duration-sec", "40", "--quiet"]
     assert main(argv) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tal_videos(tmp_path_factory) -> Path:
+    """`lofi synth` output of 6 short 32 px videos (4 training, 2 validation) with 2-4 s instances:
+    the data of the tests that run whole jobs (`lofi pipeline`, `lofi sweep`). Read-only."""
+    from pipelines.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_tal") / "data"
+    assert main(["synth", str(out), "--videos", "6", "--seed", "11", "--size-px", "32", "--val-fraction", "0.34",
+                 "--min-duration-sec", "12", "--max-duration-sec", "16", "--set", "min_instance_sec=2",
+                 "--set", "max_instance_sec=4", "--quiet"]) == 0
+    return out

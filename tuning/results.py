@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from lofi.config import dump_yaml, replace
 from pipelines.config import PipelineConfig
 
+STOPPED = "the sweep's scheduler (ASHA) stopped the trial"  # lofi.closed_by of a stopped trial's run
 COLUMNS = ("trial", "status", "metric_final", "metric_best", "epochs", "activation_memory_mib", "seconds",
            "overrides", "mlflow_run_id", "note")
 
@@ -135,7 +136,7 @@ def finish(scfg: Any, base: PipelineConfig, trials: list[dict[str, Any]], grid: 
            seconds: float, phase_seconds: dict[str, float]) -> dict[str, Any]:
     """Write and log the sweep's results; close trial runs that ASHA's stop left RUNNING."""
     from pipelines.tracking import close_running_children, mlflow_ui_command
-    from pipelines.tracking.review import child_runs, tag_run
+    from pipelines.tracking.review import child_runs, end_run, tag_run
 
     for trial in trials:
         trial["epochs"] = scfg.trial_config(base, trial["overrides"], trial["trial"]).train.epochs
@@ -164,8 +165,10 @@ def finish(scfg: Any, base: PipelineConfig, trials: list[dict[str, Any]], grid: 
         tag_run(base.tracking, run["run_id"], {"lofi.sweep": scfg.name, "lofi.trial": row["trial"],
                                                "lofi.trial_status": row["status"],
                                                "lofi.overrides": json.dumps(overrides, default=str)})
+        if row["status"] == "stopped_early" and run["status"] != "KILLED":  # killed mid-run, maybe mid-exception
+            end_run(base.tracking, run["run_id"], "KILLED", STOPPED)
     if parent.run_id:  # ASHA stops a trial by killing its process: nobody ended its run
-        close_running_children(base.tracking, parent.run_id, reason="the sweep's scheduler (ASHA) stopped the trial")
+        close_running_children(base.tracking, parent.run_id, reason=STOPPED)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     parent.log_artifact(out / "results.csv")
     parent.log_figure(fig, "pareto.png")

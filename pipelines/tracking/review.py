@@ -50,3 +50,13 @@ def close_running_children(cfg: TrackingConfig, parent_run_id: str, status: str 
         warnings.warn(f"lofi tracking: the children of run {parent_run_id} were not closed: "
                       f"{type(err).__name__}: {err}", TrackingWarning, stacklevel=2)
         return 0
+
+
+def end_run(cfg: TrackingConfig, run_id: str, status: str, reason: str) -> None:
+    """Mark a run its own process ended otherwise or not at all (a trial ASHA stopped: its process
+    is killed, sometimes mid-exception, which would read FAILED), tagged lofi.closed_by=reason."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    client = backend.client(resolve_tracking_uri(cfg))
+    backend.log_batch(client, run_id, tags=[("lofi.closed_by", reason)])
+    client.set_terminated(run_id, status)

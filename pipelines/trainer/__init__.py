@@ -4,11 +4,13 @@ A stage supplies a `StageLoop` (its model, what a batch and its loss are, how it
 and the harness does the rest, the same way for all three.
 
 Driver (`fit`): one Ray Train V2 `TorchTrainer` with `ScalingConfig(num_workers, use_gpu)`,
-`RunConfig(name=<stage>, storage_path=<run>/ray)`, `FailureConfig(run.max_failures)` and the
-stage's Ray Datasets. Datasets named "train..." are streamed and split equally over the
-workers (`streaming_split(equal=True)`: DDP needs every worker to take the same number of
-steps; a remainder row is dropped); "val..." datasets are split without dropping rows. Ray
-Data runs with preserve_order, so each worker's rows come in a fixed order. Datasets within
+`RunConfig(name=<stage>, storage_path=<run>/ray)`, `FailureConfig(run.max_failures)`,
+`CheckpointConfig(num_to_keep=run.keep_checkpoints)` and the stage's Ray Datasets. Datasets
+named "train..." are streamed and split equally over the workers by Ray's own
+`DataConfig.configure` (`streaming_split(equal=True)`: DDP needs every worker to take the same
+number of steps; a remainder row is dropped); the subclass splits the others (validation)
+without dropping rows. Ray Data runs with preserve_order, so each worker's rows come in a
+fixed order. Datasets within
 `data.cache_max_mib` are read on the driver with pyarrow, with the same batch functions, and
 handed over as in-memory Ray Datasets (`table_dataset`): epochs then skip the shards.
 
@@ -23,7 +25,8 @@ the learning rate is used as configured for any number of workers.
 
 Checkpoints (`<run>/ray/<stage>/epoch-NNNN/`): rank 0 writes `state.pt` (model, optimizer,
 scheduler, grad scaler, epoch, global batch counter, the stage's own state such as the
-fidelity schedule); each rank writes `rng-rank<r>.pt` (torch, CUDA, numpy, python RNG states);
+fidelity schedule, and `history`: every finished epoch's metrics, which `epoch_history` reads,
+so pruned checkpoints lose none); each rank writes `rng-rank<r>.pt` (torch, CUDA, numpy, python RNG states);
 Ray merges them. The unit of resumption is the epoch: a restarted worker group (a worker died;
 up to run.max_failures times) or a rerun with the same run.name and run.storage continues
 after the last reported epoch (Train V2 finds the run's checkpoints by name in its storage).
@@ -49,7 +52,7 @@ psutil installed it also runs MLflow's system/* metrics sampler on its machine. 
 never import MLflow. An unreachable server never stops training (pipelines.tracking). A restarted
 worker group attaches again and logs from the epoch it resumes at; an epoch cut off between its
 log and its checkpoint is logged again (the same step and values). After training, `fit` logs
-from `Result.metrics_dataframe` the epochs the run lacks: all of them when the driver had no run
+from the epoch history the epochs the run lacks: all of them when the driver had no run
 to hand over (MLflow unreachable at the start), else those the worker could not send (a SQLite
 file it cannot reach, a queue lost with a killed worker). Then the driver logs the training
 curves figure and the artifacts. The rank-0 worker prints one progress line per epoch.

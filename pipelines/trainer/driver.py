@@ -18,24 +18,36 @@ from pipelines.trainer.worker import STATE_FILE, numeric
 PAUSE_ENV = "LOFI_TEST_PAUSE"
 
 
-def _ingest_config():
-    """Equal splits for training datasets, unequal (no row dropped) for validation; fixed order."""
+def _ingest_config(names: Sequence[str]) -> Any:
+    """Ray Train's DataConfig for the stage's datasets: "train..." datasets split equally (DDP needs
+    every worker to take the same number of steps), by Ray's own `configure`; the others
+    (validation) split without dropping a row, so every video is validated once. Rows keep
+    their order (preserve_order) in both, on top of Ray's default ingest options."""
     from ray.train import DataConfig
+
+    def ordered() -> Any:
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        return options
+
+    train = [name for name in names if name.startswith("train")]
 
     class IngestConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
+                ds.set_name(name.replace("/", "_"))  # Ray Data's metrics and progress lines use the name
+            output = super().configure({k: v for k, v in datasets.items() if k in train}, world_size, worker_handles,
+                                       worker_node_ids, **kwargs)
+            for name, ds in datasets.items():
+                if name in train:
+                    continue
                 ds = ds.copy(ds)
-                ds.set_name(name.replace("/", "_"))
-                options = self.default_ingest_options()
-                options.preserve_order = True
-                ds.context.execution_options = options
-                for i, split in enumerate(ds.streaming_split(world_size, equal=name.startswith("train"))):
+                ds.context.execution_options = ordered()
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                     output[i][name] = split
             return output
 
-    return IngestConfig()
+    return IngestConfig(datasets_to_split=train, execution_options={name: ordered() for name in train})
 
 
 def fits_in_memory(cfg: PipelineConfig, num_bytes: float) -> bool:
@@ -59,23 +71,24 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
     forwards every epoch's report to Tune. `tracker`: the stage's Tracker; each epoch's metrics
     go to its run live from the rank-0 worker, and after training `fit` logs from the result the
     epochs the run lacks (all of them when it had no run to hand over: MLflow was unreachable)."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.constants import is_v2_enabled
     from ray.train.v2.api.exceptions import TrainingFailedError
 
-    if not is_v2_enabled():
-        raise LofiError("lofi needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise LofiError("lofi needs Ray Train V2 (Ray's default): unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
     live = _live_run(tracker)
     config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), "mlflow": live,
               **loop_config}
     trainer = TorchTrainer(
-        loop, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),
+        loop, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(list(datasets)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=stage, storage_path=cfg.run.ray_storage(),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             # resuming needs the latest only; the epoch history travels inside each one
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              callbacks=list(callbacks) or None,
                              # Ray Train's INFO lines (every report's full metrics dict, process group set-up)
                              # would bury the one progress line per epoch the loop prints
@@ -123,7 +136,13 @@ def _worker_user_error(err: Exception) -> LofiError | None:
 
 
 def epoch_history(result: Any) -> list[dict[str, Any]]:
-    """Each finished epoch's metrics, in epoch order (NaN cells of the dataframe dropped)."""
+    """Each finished epoch's metrics, in epoch order: the history the last checkpoint carries
+    (every epoch since the run began, whatever checkpoints run.keep_checkpoints left), else
+    Ray's metrics dataframe of the retained checkpoints (NaN cells dropped)."""
+    if result.checkpoint is not None:
+        history = final_state(result).get("history")
+        if history:
+            return sorted(history, key=lambda row: row["epoch"])
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return [dict(result.metrics)] if result.metrics else []

@@ -80,6 +80,7 @@ class _Parts:
     scaler: torch.amp.GradScaler
     start_epoch: int = 0
     global_batch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # every finished epoch's metrics, in checkpoints
     rng: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -126,6 +127,7 @@ def _setup(stage: StageLoop, ctx: WorkerContext) -> _Parts:
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         parts.start_epoch, parts.global_batch = saved["epoch"] + 1, saved["global_batch"]
+        parts.history = list(saved.get("history", []))
     return parts
 
 
@@ -153,6 +155,7 @@ def worker_loop(stage: StageLoop, config: dict[str, Any]) -> None:
             parts.scheduler.step()
             if ctx.rank == 0:
                 say(progress_line(stage, ctx.optim.epochs, metrics))
+            parts.history.append(plain_metrics(metrics))
             if tracker is not None:
                 # before the report, whose checkpoint write takes a while: the epoch shows up as soon as it is
                 # known. A worker killed in between logs the epoch again when it reruns it (the same step).
@@ -262,7 +265,8 @@ def _report(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int, met
         if ctx.rank == 0:
             torch.save({"model": parts.module.state_dict(), "optimizer": parts.optimizer.state_dict(),
                         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
-                        "epoch": epoch, "global_batch": parts.global_batch, "stage": stage.state_dict()},
+                        "epoch": epoch, "global_batch": parts.global_batch, "stage": stage.state_dict(),
+                        "history": parts.history},
                        Path(folder) / STATE_FILE)
         torch.save(rng_state(), Path(folder) / f"rng-rank{ctx.rank}.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -274,6 +278,20 @@ def say(line: str) -> None:
     Train V2 patches print to log each line as well, which the driver then shows twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as python numbers and strings: what torch.load(weights_only=True) reads back from a
+    checkpoint (numpy scalars are refused there)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            out[key] = int(value)
+        elif isinstance(value, (float, np.floating)):
+            out[key] = float(value)
+    return out
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:

@@ -36,12 +36,8 @@ def write_config(tmp: Path, data: Path, **data_keys: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("own") / "data"
-    assert lofi_main(["synth", str(out), "--videos", "6", "--seed", "11", "--size-px", "32", "--val-fraction", "0.34",
-                      "--min-duration-sec", "12", "--max-duration-sec", "16", "--set", "min_instance_sec=2",
-                      "--set", "max_instance_sec=4", "--quiet"]) == 0
-    return out
+def dataset(tiny_tal_videos) -> Path:
+    return tiny_tal_videos
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,8 @@ def one_worker(shards_dir, pretrained, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = make_cfg(shards_dir, storage, "w1", f"encoder.checkpoint={pretrained[1].artifacts['encoder']}",
-                   "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db")
+                   "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db",
+                   "run.keep_checkpoints=1")
     return cfg, run(cfg)
 
 
@@ -113,6 +114,11 @@ def test_train_follows_the_schedule_and_writes_encoder_and_model(one_worker):
     assert 0 < m["activation_memory_bytes"] < 2**30
     # the end-to-end model's own detections on the validation videos, scored every epoch (a sweep's metric)
     assert 0.0 <= m["val_average_mAP"] <= 1.0 and "val_mAP_tIoU_0.50" in m
+    # run.keep_checkpoints=1: one checkpoint on disk, and it carries every epoch's metrics
+    checkpoints = sorted((cfg.run.dir() / "ray" / "train").glob("epoch-*"))
+    assert [c.name for c in checkpoints] == ["epoch-0001"]
+    history = torch.load(checkpoints[0] / "state.pt", weights_only=True)["history"]
+    assert [row["epoch"] for row in history] == [0, 1] and history[1]["loss_total"] == pytest.approx(m["loss_total"])
     encoder = build_encoder(EncoderConfig(width=8, checkpoint=result.artifacts["encoder"], checkpoint_format="lofi"))
     model = torch.load(result.artifacts["model"], weights_only=True)
     assert all(torch.equal(v, model[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
@@ -278,9 +284,10 @@ def test_train_head_learns_on_features_reports_map_and_resumes_by_name(shards_di
     head = build_head(cfg.head, feature_dim=8, num_snippets=8, num_classes=2)
     head.load_state_dict(torch.load(result.artifacts["model"], weights_only=True))
     # the same run name with one more epoch continues after the last checkpoint
-    first = cfg.run.dir() / "ray" / "train_head" / "epoch-0000" / "state.pt"
+    first = cfg.run.dir() / "ray" / "train_head" / "epoch-0001" / "state.pt"
     stamp = first.stat().st_mtime_ns
     more = run(make_cfg(shards_dir, tmp_path, "heads", *HEAD_SETS, "train_head.epochs=3"))
     assert more.metrics["epoch"] == 2 and more.metrics["global_batch"] == 6
     assert first.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in first.parent.parent.glob("epoch-*")) == ["epoch-0000", "epoch-0001", "epoch-0002"]
+    # run.keep_checkpoints (2): epoch 0's checkpoint made way for epoch 2's
+    assert sorted(p.name for p in first.parent.parent.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
