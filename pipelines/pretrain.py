@@ -267,11 +267,12 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         loop = {"class_names": names, "val_sets": val_sets,
                 "class_weights": class_weights(counts) if cfg.data.pretrain_balanced else None}
         result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
-        history = epoch_history(result)
+        state = final_state(result)
+        history = epoch_history(result, state)
         log_training(tracker, history)
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = {"encoder": str(out_dir / "encoder.pt"), "classes": str(out_dir / "classes.json")}
-        torch.save(encoder_state(final_state(result)["model"]), artifacts["encoder"])
+        torch.save(encoder_state(state["model"]), artifacts["encoder"])
         (out_dir / "classes.json").write_text(json.dumps(
             {"classes": names, "train_clips_per_class": dict(zip(names, counts)), "shards": source.shards,
              "level": source.level}, indent=1))

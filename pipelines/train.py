@@ -346,10 +346,11 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[
         if plan["val_level"] is not None:
             datasets["val"] = video_dataset(cfg, plan["val_level"].name, cfg.data.val_subset, plan["index"])
         result = fit(cfg, STAGE, _loop, loop, datasets, callbacks=callbacks, tracker=tracker)  # rank 0 logs epochs live
-        history = epoch_history(result)
+        state = final_state(result)
+        history = epoch_history(result, state)
         log_training(tracker, history)
         tracker.log_metrics({"activation_memory_bytes": float(memory)}, step=0)
-        artifacts = write_outputs(cfg, final_state(result), plan)
+        artifacts = write_outputs(cfg, state, plan)
         for path in artifacts.values():
             tracker.log_artifact(path)
         _log_encoder(tracker, cfg, artifacts["encoder"], levels)

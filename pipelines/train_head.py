@@ -201,11 +201,12 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         if has_val:
             datasets["val"] = feature_rows(cfg, manifest, cfg.data.val_subset, index)
         result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
-        history = epoch_history(result)
+        state = final_state(result)
+        history = epoch_history(result, state)
         log_training(tracker, history)
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = {"model": str(out_dir / "model.pt"), "model_config": str(out_dir / "model.json")}
-        torch.save(final_state(result)["model"], artifacts["model"])
+        torch.save(state["model"], artifacts["model"])
         (out_dir / "model.json").write_text(json.dumps({
             "head": to_dict(cfg.head), "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"],
             "num_classes": len(manifest["labels"]), "labels": manifest["labels"],

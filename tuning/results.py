@@ -109,9 +109,8 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, maximise: bool, budge
     return fig
 
 
-def best_config(base: PipelineConfig, scfg: Any, row: dict[str, Any], trials: list[dict[str, Any]]) -> PipelineConfig:
+def best_config(base: PipelineConfig, scfg: Any, row: dict[str, Any], overrides: dict[str, Any]) -> PipelineConfig:
     """The best trial's config, named `<sweep>-best` under the base run storage (a fresh `lofi train`)."""
-    overrides = next(t["overrides"] for t in trials if t["trial"] == row["trial"])
     cfg = scfg.trial_config(base, overrides, row["trial"])
     return replace(cfg, [("run.storage", base.run.storage), ("run.name", f"{scfg.name}-best")])
 
@@ -138,6 +137,7 @@ def finish(scfg: Any, base: PipelineConfig, trials: list[dict[str, Any]], grid: 
     from pipelines.tracking import close_running_children, mlflow_ui_command
     from pipelines.tracking.review import child_runs, end_run, tag_run
 
+    overrides = {trial["trial"]: trial["overrides"] for trial in trials}
     for trial in trials:
         trial["epochs"] = scfg.trial_config(base, trial["overrides"], trial["trial"]).train.epochs
     runs = child_runs(base.tracking, parent.run_id) if parent.run_id else {}
@@ -153,7 +153,7 @@ def finish(scfg: Any, base: PipelineConfig, trials: list[dict[str, Any]], grid: 
     scored = [r for r in rows if not math.isnan(r["metric_final"])]
     if scored:
         summary["best"] = scored[0]
-        dump_yaml(best_config(base, scfg, scored[0], trials), out / "best_config.yaml")
+        dump_yaml(best_config(base, scfg, scored[0], overrides[scored[0]["trial"]]), out / "best_config.yaml")
         parent.log_artifact(out / "best_config.yaml")
         parent.log_metrics({f"best_{scfg.search.metric}": scored[0]["metric_final"]}, step=0)
         parent.set_tags({"lofi.best_trial": scored[0]["trial"]})
@@ -161,10 +161,9 @@ def finish(scfg: Any, base: PipelineConfig, trials: list[dict[str, Any]], grid: 
         run = runs.get(f"{row['trial']}/train")
         if run is None:
             continue
-        overrides = next(t["overrides"] for t in trials if t["trial"] == row["trial"])
         tag_run(base.tracking, run["run_id"], {"lofi.sweep": scfg.name, "lofi.trial": row["trial"],
                                                "lofi.trial_status": row["status"],
-                                               "lofi.overrides": json.dumps(overrides, default=str)})
+                                               "lofi.overrides": json.dumps(overrides[row["trial"]], default=str)})
         if row["status"] == "stopped_early" and run["status"] != "KILLED":  # killed mid-run, maybe mid-exception
             end_run(base.tracking, run["run_id"], "KILLED", STOPPED)
     if parent.run_id:  # ASHA stops a trial by killing its process: nobody ended its run

@@ -42,10 +42,6 @@ class Param:
             return float(rng.uniform(low, high))
         return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
-    def example(self) -> Any:
-        """A value of the parameter (to check the key before drawing anything)."""
-        return self.values[0]
-
 
 def parse_space(space: dict[str, Any]) -> list[Param]:
     """Validate the `space` section; every problem names its key and the fix, all at once."""

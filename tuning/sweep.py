@@ -55,7 +55,7 @@ def check_keys(base: PipelineConfig, space: dict[str, Any]) -> list[Any]:
     params = parse_space(space)
     problems = []
     for param in params:
-        for value in (param.values if param.kind in ("grid", "choice") else param.values):
+        for value in param.values:  # grid/choice values, or a range's two ends
             try:
                 replace(base, [(param.key, value)])
             except LofiError as err:

@@ -262,10 +262,15 @@ def close_running(mlflow_client: Any, experiment_id: str, reason: str, run_name:
     for run in runs:
         if parent_run_id is None and "mlflow.parentRunId" in run.data.tags:
             continue
-        log_batch(mlflow_client, run.info.run_id, tags=[("lofi.closed_by", reason)])
-        mlflow_client.set_terminated(run.info.run_id, status)  # end time: now
+        end_run(mlflow_client, run.info.run_id, status, reason)
         closed += 1 + close_running(mlflow_client, experiment_id, reason, parent_run_id=run.info.run_id, status=status)
     return closed
+
+
+def end_run(mlflow_client: Any, run_id: str, status: str, reason: str) -> None:
+    """End a run its own process did not end (or ended otherwise), tagged lofi.closed_by=reason."""
+    log_batch(mlflow_client, run_id, tags=[("lofi.closed_by", reason)])
+    mlflow_client.set_terminated(run_id, status)  # end time: now
 
 
 def close_children(mlflow_client: Any, parent_run_id: str, experiment: str, status: str, reason: str) -> int:

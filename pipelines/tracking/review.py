@@ -57,6 +57,4 @@ def end_run(cfg: TrackingConfig, run_id: str, status: str, reason: str) -> None:
     is killed, sometimes mid-exception, which would read FAILED), tagged lofi.closed_by=reason."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    client = backend.client(resolve_tracking_uri(cfg))
-    backend.log_batch(client, run_id, tags=[("lofi.closed_by", reason)])
-    client.set_terminated(run_id, status)
+    backend.end_run(backend.client(resolve_tracking_uri(cfg)), run_id, status, reason)

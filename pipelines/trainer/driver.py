@@ -135,12 +135,15 @@ def _worker_user_error(err: Exception) -> LofiError | None:
     return None
 
 
-def epoch_history(result: Any) -> list[dict[str, Any]]:
+def epoch_history(result: Any, state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each finished epoch's metrics, in epoch order: the history the last checkpoint carries
     (every epoch since the run began, whatever checkpoints run.keep_checkpoints left), else
-    Ray's metrics dataframe of the retained checkpoints (NaN cells dropped)."""
-    if result.checkpoint is not None:
-        history = final_state(result).get("history")
+    Ray's metrics dataframe of the retained checkpoints (NaN cells dropped). `state`: that
+    checkpoint's state.pt when the caller has already read it (it holds the model too)."""
+    if state is None and result.checkpoint is not None:
+        state = final_state(result)
+    if state is not None:
+        history = state.get("history")
         if history:
             return sorted(history, key=lambda row: row["epoch"])
     frame = result.metrics_dataframe

@@ -296,8 +296,7 @@ def plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics MLflow can take: numbers (a fidelity level's name is left out)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in plain_metrics(metrics).items() if not isinstance(v, str)}
 
 
 def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:
