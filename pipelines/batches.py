@@ -77,11 +77,11 @@ def video_labels_from_table(table: pa.Table) -> dict[str, VideoLabel]:
 
 def read_video_labels(files: Iterable[str | Path]) -> dict[str, VideoLabel]:
     """Ground truth of every video in some Parquet files (shards or feature shards), frames unread."""
-    import pyarrow.parquet as pq
+    from pipelines.storage import read_parquet
 
     out: dict[str, VideoLabel] = {}
-    for path in files:
-        for vid, label in video_labels_from_table(pq.read_table(path, columns=list(LABEL_COLUMNS))).items():
+    for path in files:  # paths or object-store URIs
+        for vid, label in video_labels_from_table(read_parquet(path, columns=list(LABEL_COLUMNS))).items():
             out.setdefault(vid, label)
     return out
 

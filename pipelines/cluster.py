@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import ray
 
+from pipelines.tracking.tracker import stop_on_sigterm
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -31,6 +33,7 @@ def connect_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
+    stop_on_sigterm()  # `ray job stop`: runs end KILLED
 
 
 def quiet_data_output() -> None:

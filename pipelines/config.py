@@ -10,6 +10,10 @@ are methods, never written back, so a stage's inputs and outputs follow from the
     <run.storage>/<run.name>/head/model.pt            stage 3 head trained on the features
     <run.storage>/<run.name>/detect/predictions.json  ActivityNet-format detections; detect/eval.json
     <run.storage>/<run.name>/ray/<stage>/             Ray Train storage (checkpoints) of each stage
+
+`run.storage` is a local path or an object-store URI (`s3://bucket/prefix`, `gs://...`, `file:///...`;
+pipelines.storage): `run.location()` and `run.stage_location(stage)` name the outputs on either,
+`run.dir()` only a local one.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lofi.errors import LofiError
 from lofi.fidelity import FidelityScheduleConfig
 from lofi.heads import HeadConfig
 from lofi.models.encoders import EncoderConfig
 from pipelines.cluster import RayConfig
+from pipelines.storage import Location, location, uri_problem
 from pipelines.tracking import TrackingConfig
 
 STAGES = ("pretrain", "train", "extract", "train_head", "detect")
@@ -30,7 +36,10 @@ STAGES = ("pretrain", "train", "extract", "train_head", "detect")
 @dataclass(frozen=True)
 class RunSection:
     name: str = "lofi"  # the run's folder and its MLflow parent run name; same name + storage resumes
-    storage: str = "runs"  # root folder (local or shared filesystem) of all outputs
+    # root of all outputs: a folder every node sees (a shared filesystem on a multi-node cluster) or an
+    # object-store URI (s3://bucket/prefix, gs://bucket/prefix; credentials and endpoint from the
+    # environment: AWS_*, GOOGLE_APPLICATION_CREDENTIALS). Under `ray job submit` it must be absolute or a URI.
+    storage: str = "runs"
     seed: int = 0
     max_failures: int = 0  # Ray Train FailureConfig: restarts from the last checkpoint after a worker dies
     keep_checkpoints: int = 2  # epoch checkpoints kept per training stage (Ray Train CheckpointConfig.num_to_keep)
@@ -39,9 +48,27 @@ class RunSection:
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1 (a run resumes from its latest), got {self.keep_checkpoints}")
+        problem = uri_problem(self.storage)
+        if problem:
+            raise ValueError(f"storage: {problem}")
+
+    def location(self) -> Location:
+        """`<run.storage>/<run.name>`, local or in an object store (inside a Ray job: never its temp folder)."""
+        return location(self.storage, "run.storage", output=True) / self.name
+
+    def stage_location(self, stage: str) -> Location:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.location() / stage
 
     def dir(self) -> Path:
-        return Path(self.storage).expanduser().resolve() / self.name
+        """`<run.storage>/<run.name>` as a local path, for code that needs one; an object-store
+        `run.storage` is an error naming the key there."""
+        loc = self.location()
+        if not loc.is_local:
+            raise LofiError(f"run.storage: {self.storage} is an object-store URI, but a local path is needed here; "
+                            "use run.location() (every stage does), or set run.storage to a path")
+        return Path(loc.uri)
 
     def stage_dir(self, stage: str) -> Path:
         if stage not in STAGES:
@@ -49,13 +76,14 @@ class RunSection:
         return self.dir() / stage
 
     def ray_storage(self) -> str:
-        """Ray Train's storage_path: per-stage run names live under it."""
-        return str(self.dir() / "ray")
+        """Ray Train's storage_path (a path or a URI, which Ray Train opens with pyarrow.fs itself):
+        per-stage run names live under it."""
+        return str(self.location() / "ray")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    shards: str = ""  # `lofi prepare` output folder (its manifest names the levels and labels)
+    shards: str = ""  # `lofi prepare` output folder or URI (s3://, gs://; its manifest names the levels and labels)
     annotations: str = ""  # ground truth for evaluation; empty: the annotation file in the manifest's config
     # `lofi pipeline` only: the TAL videos' folder (or URI); with it the pipeline prepares them itself into
     # `shards` (empty: <run>/prepared) at the full level and every level of the fidelity schedule
@@ -88,6 +116,10 @@ class DataSection:
             raise ValueError(f"pretrain_clip_frames must be >= 0 (0: all frames), got {self.pretrain_clip_frames}")
         if not 0 < self.pretrain_min_crop_scale <= 1:
             raise ValueError(f"pretrain_min_crop_scale must be in (0, 1] (1: no crop), got {self.pretrain_min_crop_scale}")
+        for key in ("shards", "pretrain_shards"):  # paths or object-store URIs (pipelines.storage)
+            problem = getattr(self, key) and uri_problem(getattr(self, key))
+            if problem:
+                raise ValueError(f"{key}: {problem}")
 
 
 @dataclass(frozen=True)

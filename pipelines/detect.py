@@ -14,6 +14,7 @@ so `lofi eval --ground-truth GT --predictions <run>/detect/predictions.json` res
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -25,17 +26,18 @@ from lofi.config import add_config_arguments, config_from_args
 from lofi.errors import LofiError, cli_errors
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.features import features_array, read_features, read_features_manifest
+from pipelines.storage import Location
 
 _BATCH_VIDEOS = 16  # videos per head forward: the (B, D, T) maps stay small on any device
 _TIMELINE_VIDEOS = 3  # detection timelines logged to MLflow
 
 
-def detect_dir(cfg: PipelineConfig) -> Path:
-    return cfg.run.stage_dir("detect")
+def detect_dir(cfg: PipelineConfig) -> Location:
+    return cfg.run.stage_location("detect")
 
 
-def head_path(cfg: PipelineConfig) -> Path:
-    return cfg.run.dir() / "head" / "model.pt"
+def head_path(cfg: PipelineConfig) -> Location:
+    return cfg.run.location() / "head" / "model.pt"
 
 
 def load_head(cfg: PipelineConfig, feature_dim: int, num_snippets: int, num_classes: int):
@@ -47,7 +49,7 @@ def load_head(cfg: PipelineConfig, feature_dim: int, num_snippets: int, num_clas
     path = head_path(cfg)
     if not path.is_file():
         raise LofiError(f"{path} does not exist: run `lofi train-head` with the same run.name and run.storage first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "head"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -112,12 +114,12 @@ def ground_truth_path(cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
     return path
 
 
-def evaluate(cfg: PipelineConfig, gt: str, predictions: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+def evaluate(cfg: PipelineConfig, gt: str, predictions: Location) -> tuple[dict[str, Any], tuple[str, ...]]:
     from lofi.annotations_cli import quiet_annotation_log
     from lofi.evaluation import EvalConfig, run_eval
 
-    with quiet_annotation_log():
-        return run_eval(EvalConfig(ground_truth=gt, predictions=str(predictions), subset=cfg.data.val_subset,
+    with quiet_annotation_log(), predictions.as_local_file() as path:
+        return run_eval(EvalConfig(ground_truth=gt, predictions=str(path), subset=cfg.data.val_subset,
                                    protocol=cfg.detect.protocol))
 
 
@@ -140,7 +142,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
     from pipelines.tracking import Tracker
 
     start = time.perf_counter()
-    fdir = cfg.run.dir() / "features"
+    fdir = cfg.run.location() / "features"
     manifest = read_features_manifest(fdir)
     if not manifest["fixed_grid"]:
         raise LofiError(f"{fdir}: features of level {manifest['level']!r} have a different T per video (a fixed-stride "
@@ -149,14 +151,14 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
     table = read_features(fdir, cfg.data.val_subset)
     head = load_head(cfg, manifest["feature_dim"], manifest["num_snippets"], len(manifest["labels"]))
     out_dir = detect_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with Tracker.start(cfg.tracking, f"{cfg.run.name}/detect", parent_run_id=parent_run_id,
                        tags={"stage": "detect"}) as tracker:
         tracker.log_config(cfg)
         results = predict(head, table, manifest["labels"], cfg)
         predictions_path = out_dir / "predictions.json"
         external = {"used": False, "details": f"features of {manifest['level']} from {manifest['encoder']['checkpoint']}"}
-        predictions_path.write_text(json.dumps({"version": "VERSION 1.3", "external_data": external, "results": results}))
+        predictions = json.dumps({"version": "VERSION 1.3", "external_data": external, "results": results}).encode()
+        predictions_path.write_bytes(predictions)
         result, warnings = evaluate(cfg, gt, predictions_path)
         eval_path = out_dir / "eval.json"
         eval_path.write_text(json.dumps(result))
@@ -164,8 +166,8 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
         metrics = {"average_mAP": result["average_mAP"], "seconds": seconds, "videos": float(table.num_rows),
                    **{f"mAP_tIoU_{t:.2f}": m for t, m in zip(result["tiou_thresholds"], result["mAP"])}}
         tracker.log_metrics(metrics, step=0)
-        tracker.log_artifact(str(predictions_path))
-        tracker.log_artifact(str(eval_path))
+        tracker.log_bytes(predictions, "predictions.json")
+        tracker.log_bytes(json.dumps(result).encode(), "eval.json")
         _log_timelines(tracker, table, results)
         run_id = tracker.run_id
     for line in warnings:
@@ -176,7 +178,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
                        artifacts={"predictions": str(predictions_path), "eval": str(eval_path)})
 
 
-def summary_lines(result: dict[str, Any], results: dict[str, list], predictions: Path, eval_path: Path,
+def summary_lines(result: dict[str, Any], results: dict[str, list], predictions: Location, eval_path: Location,
                   seconds: float) -> list[str]:
     mAPs = "  ".join(f"{t:.2f}: {100 * m:.2f}%" for t, m in zip(result["tiou_thresholds"], result["mAP"]))
     return [f"lofi detect: {len(results)} {result['subset']} videos, {sum(map(len, results.values()))} detections, "

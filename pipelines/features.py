@@ -5,12 +5,24 @@ Layout of a features folder (`<run>/features/`, see pipelines/config.py):
     features_manifest.json        written last: encoder (checkpoint, its sha1, name, width),
                                   shards folder and level, feature_dim D, num_snippets T,
                                   fixed_grid, counts per subset, label names, files, wall time
-    part-<nnnnn>.parquet          one row per video (videos in order of completion; readers sort)
+    part-<name>.parquet           one row per video, any order (readers sort); only the files
+                                  the manifest lists belong to the folder
     npy/<video_id>.npy            optional (extract.write_npy): float32 (T, D) per video, the
                                   layout feature-based TAL toolkits (BMN, G-TAD, ActionFormer) read
 
-A run writes into a sibling `features.tmp-<id>` folder and renames it into place at the end,
-so a killed extraction never leaves a half-written features folder behind.
+Writing is a commit protocol (`temp_folder`, `write_part`, `commit_folder`): parts (and npy
+files) go into a sibling `features.tmp-<id>` folder, from any process that sees it (`lofi
+extract`'s Ray Data workers write there directly, with `assemble_video` and `write_videos`);
+the manifest is written last and the folder renamed into place, replacing an older one, so a
+killed or failed extraction never leaves a half-written features folder behind. `FeatureWriter`
+is the same protocol for a single process that holds the features itself (tests, small tools).
+
+On an object store (`run.storage` s3:// or gs://; no rename there) the same guarantee comes from
+pipelines.storage's record protocol (`begin_features`, `commit_features`): workers write each part
+to local scratch and upload it under its final name below `<run>/features/attempt-<id>/`; the
+driver uploads features_manifest.json last, its `files` (and `npy_dir`) relative to the folder,
+then deletes older attempts. Readers trust only the files a manifest lists, so a failed run's
+parts are never read and the previous manifest stays valid until the new one lands.
 
 Columns (schema metadata `lofi.features` holds the manifest's feature_dim / num_snippets):
 
@@ -42,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -51,7 +64,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
-from pipelines.shards import write_json_atomic
+from pipelines.shards import part_name, write_json_atomic
+from pipelines.storage import Location, location
 
 FEATURES_SCHEMA_VERSION = 1
 FEATURES_MANIFEST = "features_manifest.json"
@@ -59,6 +73,12 @@ NPY_DIR = "npy"
 # Fixed-shape numeric columns: what `iter_torch_batches` can stack into tensors.
 NUMERIC_FEATURE_COLUMNS = ("features", "num_snippets", "duration_sec")
 SEGMENT_COLUMNS = ("segment_start_sec", "segment_end_sec", "segment_label", "segment_label_id")
+# Every column but `features`: what a writer needs besides the tensor.
+META_COLUMNS = ("video_id", "subset", "duration_sec", "num_snippets") + SEGMENT_COLUMNS
+# The shard columns (pipelines/shards.py) that put a video's encoded chunks back together.
+CHUNK_COLUMNS = ("chunk_index", "num_chunks", "snippet_start", "num_valid_snippets")
+SUMMARY_COLUMNS = ("video_id", "subset", "file")  # what `write_videos` returns per video
+VIDEOS_PER_PART = 256
 
 
 def features_schema(num_snippets: int, feature_dim: int) -> pa.Schema:
@@ -74,30 +94,148 @@ def features_schema(num_snippets: int, feature_dim: int) -> pa.Schema:
     ], metadata=meta)
 
 
+def features_location(features_dir: str | Path | Location) -> Location:
+    """A features folder (a path, a URI, or a Location already) as a Location."""
+    return features_dir if isinstance(features_dir, Location) else location(str(features_dir), "run.storage")
+
+
 def file_sha1(path: str | Path) -> str:
-    """Content hash of a checkpoint: tells a rerun whether its features are still current."""
+    """Content hash of a checkpoint (a path or an object-store URI): tells a rerun whether its
+    features are still current."""
+    loc = location(str(path), "encoder.checkpoint")
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
+    with loc._errors("read"), loc.fs.open_input_stream(loc.path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-class FeatureWriter:
-    """Collects whole videos' features and writes them as Parquet parts (+ npy) into a temp folder.
+def temp_folder(out_dir: str | Path, write_npy: bool) -> Path:
+    """A new, empty `<out_dir>.tmp-<id>` sibling (with npy/) that parts are written into."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    if write_npy:
+        (tmp / NPY_DIR).mkdir()
+    return tmp
 
-    `commit(manifest)` writes the manifest and renames the folder into place, replacing an
-    older one; `abort()` removes the temp folder.
+
+def write_part(folder: str | Path, name: str, meta: pa.Table, padded: np.ndarray, write_npy: bool) -> None:
+    """Write videos as Parquet part `name` (+ npy/<video_id>.npy) into `folder`: a local temp
+    folder, or an object-store attempt prefix (`begin_features`), where each file is written to
+    local scratch and then uploaded under its final name (one atomic upload per object).
+
+    `meta` holds META_COLUMNS, one row per video; `padded` (N, T, D) float32 their features, zero
+    past each num_snippets. Rewriting the same name replaces the file (a retried task). A local
+    folder is never created here: a missing one means the run was aborted, or that this process
+    does not see the run's filesystem.
+    """
+    loc = features_location(folder)
+    if not loc.is_local:
+        with tempfile.TemporaryDirectory(prefix="lofi-features-") as scratch:
+            written = _write_part_files(Path(scratch), name, meta, padded, write_npy)
+            for rel in written:
+                (loc / rel).upload(Path(scratch) / rel)
+        return
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LofiError(f"{folder} does not exist here: the extraction was aborted, or run.storage is not a "
+                        "filesystem every Ray node sees (use a shared folder or an s3:// URI on a multi-node cluster)")
+    _write_part_files(folder, name, meta, padded, write_npy)
+
+
+def _write_part_files(folder: Path, name: str, meta: pa.Table, padded: np.ndarray, write_npy: bool) -> list[str]:
+    """The part's files in a local folder; their paths relative to it, the Parquet part first."""
+    n, t, d = padded.shape
+    schema = features_schema(t, d)
+    columns = {c: meta.column(c).cast(schema.field(c).type) for c in META_COLUMNS}
+    columns["features"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(padded, dtype=np.float32))
+    table = pa.table([columns[c] for c in schema.names], schema=schema)
+    pq.write_table(table, folder / name, compression="zstd")
+    written = [name]
+    if write_npy:
+        (folder / NPY_DIR).mkdir(exist_ok=True)
+        lengths = meta.column("num_snippets").to_pylist()
+        for i, vid in enumerate(meta.column("video_id").to_pylist()):
+            np.save(folder / NPY_DIR / f"{vid}.npy", padded[i, : lengths[i]].astype(np.float32, copy=False))
+            written.append(f"{NPY_DIR}/{vid}.npy")
+    return written
+
+
+def commit_folder(tmp: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest into `tmp` last, then move `tmp` into place, replacing an older `out_dir`.
+
+    The old folder is renamed aside before the new one moves in and removed after, so at every
+    moment `out_dir` is either the old complete folder, absent, or the new complete one.
+    """
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    write_json_atomic(tmp / FEATURES_MANIFEST, manifest)
+    old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def begin_features(out: Location, write_npy: bool) -> str:
+    """Where the workers of one extraction write: a local `<out>.tmp-<id>` folder (renamed into place
+    by `commit_features`), or on an object store the prefix `<out>/attempt-<id>/`, whose parts a
+    reader sees only once a manifest written last lists them."""
+    if out.is_local:
+        return str(temp_folder(out.uri, write_npy))
+    out.check_bucket()
+    return str(out / f"attempt-{uuid.uuid4().hex[:8]}")
+
+
+def commit_features(folder: str, out: Location, manifest: dict[str, Any]) -> Location:
+    """Commit what `begin_features` started. Object stores: the manifest (its files made relative to
+    `out`) is uploaded last, then every object under `out` of an older attempt is deleted."""
+    if out.is_local:
+        return Location(str(commit_folder(folder, out.uri, manifest)), out.key)
+    attempt = features_location(folder).name
+    manifest = {**manifest, "files": sorted(f"{attempt}/{name}" for name in manifest["files"])}
+    if manifest["npy"]:
+        manifest["npy_dir"] = f"{attempt}/{NPY_DIR}"
+    (out / FEATURES_MANIFEST).write_json(manifest)
+    keep = {FEATURES_MANIFEST, attempt}
+    for stale in out.files(recursive=True):
+        if stale.uri[len(out.uri) + 1:].split("/", 1)[0] not in keep:
+            stale.delete()
+    return out
+
+
+def abort_features(folder: str) -> None:
+    """Remove what a failed extraction wrote (the previous features stay as they were)."""
+    loc = features_location(folder)
+    if loc.is_local:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        try:
+            loc.delete()
+        except LofiError:
+            pass  # best effort: no manifest lists the attempt, so readers never see it
+
+
+def features_manifest(manifest: dict[str, Any], num_snippets: int, feature_dim: int, files: Iterable[str],
+                      write_npy: bool, counts: dict[str, int]) -> dict[str, Any]:
+    """`manifest` (what the writer knows of encoder, level, labels) plus the fields readers rely on."""
+    return {**manifest, "schema_version": FEATURES_SCHEMA_VERSION, "feature_dim": feature_dim,
+            "num_snippets": num_snippets, "files": sorted(files), "npy": write_npy,
+            "counts": {"videos": sum(counts.values()), "per_subset": dict(sorted(counts.items()))}}
+
+
+class FeatureWriter:
+    """The commit protocol from one process: whole videos' features, added one at a time.
+
+    `commit(manifest)` writes the last part and the manifest and renames the folder into place,
+    replacing an older one; `abort()` removes the temp folder.
     """
 
     def __init__(self, out_dir: str | Path, num_snippets: int, feature_dim: int, write_npy: bool = False,
                  videos_per_file: int = 256) -> None:
         self.out_dir = Path(out_dir)
-        self.tmp = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.tmp.mkdir(parents=True)
-        if write_npy:
-            (self.tmp / NPY_DIR).mkdir()
-        self.schema = features_schema(num_snippets, feature_dim)
+        self.tmp = temp_folder(self.out_dir, write_npy)
         self.num_snippets, self.feature_dim = num_snippets, feature_dim
         self.write_npy = write_npy
         self.videos_per_file = videos_per_file
@@ -111,8 +249,6 @@ class FeatureWriter:
         if d != self.feature_dim or t > self.num_snippets or t != meta["num_snippets"]:
             raise ValueError(f"video {meta['video_id']}: features {features.shape} do not fit "
                              f"(num_snippets={meta['num_snippets']}, T<={self.num_snippets}, D={self.feature_dim})")
-        if self.write_npy:
-            np.save(self.tmp / NPY_DIR / f"{meta['video_id']}.npy", features.astype(np.float32, copy=False))
         self.pending.append((meta, features))
         self.counts[meta["subset"]] = self.counts.get(meta["subset"], 0) + 1
         if len(self.pending) >= self.videos_per_file:
@@ -121,58 +257,110 @@ class FeatureWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        metas = [m for m, _ in self.pending]
-        padded = np.zeros((len(metas), self.num_snippets, self.feature_dim), dtype=np.float32)
+        schema = features_schema(self.num_snippets, self.feature_dim)
+        meta = pa.table({c: pa.array([m[c] for m, _ in self.pending], type=schema.field(c).type)
+                         for c in META_COLUMNS})
+        padded = np.zeros((len(self.pending), self.num_snippets, self.feature_dim), dtype=np.float32)
         for i, (_, feats) in enumerate(self.pending):
             padded[i, : feats.shape[0]] = feats  # rows past num_snippets stay zero (stride levels)
-        columns = {name: [m[name] for m in metas] for name in self.schema.names if name != "features"}
-        columns["features"] = pa.FixedShapeTensorArray.from_numpy_ndarray(padded)
-        table = pa.table([columns[name] for name in self.schema.names], schema=self.schema)
         name = f"part-{len(self.files):05d}.parquet"
-        pq.write_table(table, self.tmp / name, compression="zstd")
+        write_part(self.tmp, name, meta, padded, self.write_npy)
         self.files.append(name)
         self.pending = []
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         self.flush()
-        manifest = {**manifest, "schema_version": FEATURES_SCHEMA_VERSION, "feature_dim": self.feature_dim,
-                    "num_snippets": self.num_snippets, "files": self.files, "npy": self.write_npy,
-                    "counts": {"videos": sum(self.counts.values()), "per_subset": dict(sorted(self.counts.items()))}}
-        write_json_atomic(self.tmp / FEATURES_MANIFEST, manifest)
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self.tmp.rename(self.out_dir)
-        return self.out_dir
+        return commit_folder(self.tmp, self.out_dir, features_manifest(
+            manifest, self.num_snippets, self.feature_dim, self.files, self.write_npy, self.counts))
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def read_features_manifest(features_dir: str | Path) -> dict[str, Any]:
-    path = Path(features_dir) / FEATURES_MANIFEST
-    if not path.is_file():
-        raise LofiError(f"{path} does not exist: run `lofi extract` (same --config / run.name) to completion first")
-    return json.loads(path.read_text())
+# Writing from Ray Data workers (`lofi extract`) ----------------------------------------------
+
+def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A tensor column as one ndarray, whether Arrow's canonical tensor type (the shards) or Ray
+    Data's own (what Ray Data's shuffle carries)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array.type, pa.FixedShapeTensorType):
+        return array.to_numpy_ndarray()
+    return array.to_numpy(zero_copy_only=False)
 
 
-def _check_subset(manifest: dict[str, Any], subset: str, features_dir: str | Path) -> None:
+def tensor_column(values: np.ndarray) -> pa.Array:
+    """(N, ...) as Ray Data's tensor type, for columns that go through a Ray Data shuffle: with
+    Arrow's canonical tensor type Ray Data's hash shuffle fails (pyarrow cannot build the empty
+    array it starts from; measured with Ray 2.60, pyarrow 25)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(values)
+
+
+def assemble_video(group: pa.Table, num_snippets: int) -> pa.Table:
+    """map_groups: the encoded chunk rows of one video -> one row of META_COLUMNS and its
+    features (T, D) zero-padded to (num_snippets, D)."""
+    vid = group.column("video_id")[0].as_py()
+    group = group.sort_by("snippet_start")
+    expected = group.column("num_chunks")[0].as_py()
+    if sorted(group.column("chunk_index").to_pylist()) != list(range(expected)):
+        raise RuntimeError(f"video {vid}: encoded chunks {sorted(group.column('chunk_index').to_pylist())}, "
+                           f"expected 0..{expected - 1}")
+    feats = tensor_numpy(group.column("features"))  # (chunks, Tc, D)
+    valid = group.column("num_valid_snippets").to_pylist()
+    video = np.concatenate([feats[i, :v] for i, v in enumerate(valid)])  # (chunks, Tc, D) -> (T_i, D)
+    t = group.column("num_snippets")[0].as_py()
+    if video.shape[0] != t:
+        raise RuntimeError(f"video {vid}: assembled {video.shape[0]} snippets, expected {t}")
+    padded = np.zeros((1, num_snippets, feats.shape[-1]), dtype=np.float32)
+    padded[0, :t] = video
+    return group.slice(0, 1).select(list(META_COLUMNS)).append_column("features", tensor_column(padded))
+
+
+def write_videos(batch: pa.Table, folder: str, write_npy: bool) -> pa.Table:
+    """map_batches: whole videos -> one Parquet part in the temp folder; returns SUMMARY_COLUMNS.
+
+    The part's name hashes its video ids, so a retried task rewrites the same file."""
+    ids = batch.column("video_id").to_pylist()
+    name = f"{part_name(ids)}.parquet"
+    if ids:
+        write_part(folder, name, batch.select(list(META_COLUMNS)), tensor_numpy(batch.column("features")), write_npy)
+    return pa.table({"video_id": batch.column("video_id"), "subset": batch.column("subset"),
+                     "file": pa.array([name] * len(ids), pa.string())})
+
+
+def read_features_manifest(features_dir: str | Path | Location) -> dict[str, Any]:
+    loc = features_location(features_dir) / FEATURES_MANIFEST
+    if not loc.is_file():
+        raise LofiError(f"{loc} does not exist: run `lofi extract` (same --config / run.name) to completion first")
+    return loc.read_json()
+
+
+def _check_subset(manifest: dict[str, Any], subset: str, features_dir: str | Path | Location) -> None:
     known = sorted(manifest["counts"]["per_subset"])
     if subset not in known:
-        raise LofiError(f"{Path(features_dir) / FEATURES_MANIFEST}: no video of subset {subset!r}; "
+        raise LofiError(f"{features_location(features_dir) / FEATURES_MANIFEST}: no video of subset {subset!r}; "
                         f"subsets there: {', '.join(known) or 'none'}; check data.train_subset / data.val_subset")
 
 
-def feature_files(features_dir: str | Path) -> list[str]:
+def feature_files(features_dir: str | Path | Location) -> list[str]:
+    """The Parquet parts the manifest lists (only those: an object store may hold a failed run's
+    parts too), as paths or URIs."""
     manifest = read_features_manifest(features_dir)
-    return [str(Path(features_dir) / name) for name in manifest["files"]]
+    return [str(features_location(features_dir) / name) for name in manifest["files"]]
 
 
-def read_features(features_dir: str | Path, subset: str | None = None, columns: Iterable[str] | None = None) -> pa.Table:
+def read_features(features_dir: str | Path | Location, subset: str | None = None,
+                  columns: Iterable[str] | None = None) -> pa.Table:
     """All (or one subset's) feature rows with plain pyarrow, sorted by video_id."""
     manifest = read_features_manifest(features_dir)
-    files = feature_files(features_dir)
     schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
-    table = pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+    tables = []
+    for uri in feature_files(features_dir):
+        loc = features_location(uri)
+        with loc._errors("read"):
+            tables.append(pq.read_table(loc.path, schema=schema, filesystem=loc.fs))
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     if subset is not None:
         _check_subset(manifest, subset, features_dir)
         table = table.filter(pa.compute.equal(table.column("subset"), subset))
@@ -196,7 +384,7 @@ def video_features(table: pa.Table) -> dict[str, np.ndarray]:
     return {vid: feats[i, :t] for i, (vid, t) in enumerate(zip(ids, lengths))}
 
 
-def features_dataset(features_dir: str | Path, subset: str | None = None, columns: Iterable[str] | None = None):
+def features_dataset(features_dir: str | Path | Location, subset: str | None = None, columns: Iterable[str] | None = None):
     """A Ray Dataset of the feature rows (one subset's, if given) for Ray Train / Ray Data.
 
     `features` comes out as a (B, T, D) float32 tensor from iter_torch_batches; select
@@ -209,7 +397,10 @@ def features_dataset(features_dir: str | Path, subset: str | None = None, column
     files = feature_files(features_dir)
     if not files:
         raise LofiError(f"{features_dir}: the features folder holds no videos; check the extraction summary")
-    ds = ray.data.read_parquet(files)
+    locs = [features_location(f) for f in files]
+    # object stores: bucket/key paths with the bucket's filesystem (its endpoint and credentials)
+    ds = ray.data.read_parquet(files) if locs[0].is_local else \
+        ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs)
     if subset is not None:
         _check_subset(read_features_manifest(features_dir), subset, features_dir)
         ds = ds.filter(expr=col("subset") == subset)

@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 from lofi.config import add_config_arguments, config_from_args, from_dict, replace, to_dict
 from lofi.errors import LofiError, cli_errors
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.storage import Location, location
 
 STAGE_ORDER = ("prepare", "pretrain", "train", "extract", "train_head", "detect")
 # stage -> (module with run(cfg, parent_run_id), config sections its output depends on)
@@ -105,9 +105,9 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Shard folders the pipeline writes when it prepares the data itself (`<run>/prepared...`)."""
     changes: list[tuple[str, Any]] = []
     if cfg.data.videos and not cfg.data.shards:
-        changes.append(("data.shards", str(cfg.run.dir() / "prepared")))
+        changes.append(("data.shards", str(cfg.run.location() / "prepared")))
     if cfg.data.pretrain_annotations and not cfg.data.pretrain_shards:
-        changes.append(("data.pretrain_shards", str(cfg.run.dir() / "prepared_clips")))
+        changes.append(("data.pretrain_shards", str(cfg.run.location() / "prepared_clips")))
     return replace(cfg, changes) if changes else cfg
 
 
@@ -139,13 +139,14 @@ def check_inputs(cfg: PipelineConfig) -> None:
     elif not data.shards:
         problems.append("data.videos and data.shards are empty: set data.videos (+ data.annotations) to prepare the "
                         "TAL videos, or data.shards to a `lofi prepare` output")
-    elif not (Path(data.shards) / "manifest.json").is_file():
+    elif not (location(data.shards, "data.shards") / "manifest.json").is_file():
         problems.append(f"data.shards: {data.shards}/manifest.json does not exist; run `lofi prepare` into it, or set "
                         "data.videos to let the pipeline prepare the videos")
     if data.pretrain_annotations:
         problems += _annotation_problems("data.pretrain_annotations", data.pretrain_annotations,
                                          "data.pretrain_videos", data.pretrain_videos, {})
-    elif data.pretrain_shards and not (Path(data.pretrain_shards) / "manifest.json").is_file():
+    elif data.pretrain_shards and not (location(data.pretrain_shards, "data.pretrain_shards")
+                                       / "manifest.json").is_file():
         problems.append(f"data.pretrain_shards: {data.pretrain_shards}/manifest.json does not exist")
     if cfg.encoder.checkpoint:
         try:
@@ -226,32 +227,32 @@ def prepare_key(pcfg: Any) -> str:
                     "videos": listing})
 
 
-def stage_outputs(cfg: PipelineConfig, stage: str) -> list[Path]:
-    run = cfg.run.dir()
+def stage_outputs(cfg: PipelineConfig, stage: str) -> list[Location]:
+    run = cfg.run.location()
     outputs = {"pretrain": [run / "pretrain"], "train": [run / "train"], "extract": [run / "features"],
                "train_head": [run / "head"], "detect": [run / "detect"]}[stage]
     return outputs + [run / "ray" / name for name in (stage, stage.replace("_", "-"))]
 
 
-def _record(root: Path, name: str) -> Path:
+def _record(root: Location, name: str) -> Location:
     return root / "records" / f"{name}.json"
 
 
-def _reuse(record: Path, key: str, opts: PipelineOptions, stage: str, upstream: Stage | None) -> Stage | None:
+def _reuse(record: Location, key: str, opts: PipelineOptions, stage: str, upstream: Stage | None) -> Stage | None:
     """The recorded stage when it may be reused: same key, outputs there, inputs not rerun, not forced."""
     if not record.is_file() or opts.forced(stage) or (upstream is not None and not upstream.reused):
         return None
-    saved = json.loads(record.read_text())
+    saved = record.read_json()
     if saved["key"] != key or not saved.get("result"):
         return None
     result = StageResult(**saved["result"])
-    if not all(Path(p).exists() for p in result.artifacts.values()):
+    if not all(location(p, f"{stage} output").exists() for p in result.artifacts.values()):
         return None
     return Stage(result, key, saved["seconds"], reused=True)
 
 
 def run_stage(stage: str, cfg: PipelineConfig, upstream: Stage | None, parent_run_id: str | None,
-              opts: PipelineOptions, root: Path) -> Stage:
+              opts: PipelineOptions, root: Location) -> Stage:
     """Run `stage` unless its record says the same config and inputs already produced its outputs
     (a stage whose input stage ran again always runs: its inputs changed)."""
     key = stage_key(cfg, stage, upstream.key if upstream else "")
@@ -260,20 +261,20 @@ def run_stage(stage: str, cfg: PipelineConfig, upstream: Stage | None, parent_ru
     if reused is not None:
         print(f"{opts.log_prefix}: reusing {cfg.run.name}/{stage} ({reused.result.out_dir})", flush=True)
         return reused
-    if record.is_file() and (json.loads(record.read_text())["key"] != key or opts.forced(stage)):
+    if record.is_file() and (record.read_json()["key"] != key or opts.forced(stage)):
         for path in stage_outputs(cfg, stage):  # other settings: a checkpoint left there must not be resumed
-            shutil.rmtree(path, ignore_errors=True)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"key": key}))
+            path.delete()
+    record.write_json({"key": key}, indent=None)
     print(f"\n== {opts.log_prefix}: {cfg.run.name}/{stage}", flush=True)
     start = time.perf_counter()
     result = importlib.import_module(STAGES[stage][0]).run(cfg, parent_run_id=parent_run_id)
     seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"key": key, "seconds": seconds, "result": dataclasses.asdict(result)}))
+    # the commit point of the stage's outputs: written after them (pipelines.storage)
+    record.write_json({"key": key, "seconds": seconds, "result": dataclasses.asdict(result)}, indent=None)
     return Stage(result, key, seconds, reused=False)
 
 
-def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: Path) -> Stage:
+def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: Location) -> Stage:
     """`lofi prepare` unless its record matches; a changed config rewrites the pipeline's shard folder."""
     from pipelines import prepare
 
@@ -283,9 +284,8 @@ def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: 
     if reused is not None:
         print(f"{opts.log_prefix}: reusing {name} ({pcfg.output})", flush=True)
         return reused
-    stale = record.is_file() and json.loads(record.read_text())["key"] != key
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"key": key}))
+    stale = record.is_file() and record.read_json()["key"] != key
+    record.write_json({"key": key}, indent=None)
     print(f"\n== {opts.log_prefix}: {name} -> {pcfg.output}", flush=True)
     start = time.perf_counter()
     with parent.child(name, tags={"stage": "prepare"}) as run:
@@ -302,7 +302,7 @@ def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: 
     stage_result = StageResult(stage="prepare", out_dir=result.out_dir, seconds=seconds, mlflow_run_id=run_id,
                                metrics={"videos_ok": result.videos_ok, "videos_failed": result.videos_failed},
                                artifacts={"manifest": result.manifest_path})
-    record.write_text(json.dumps({"key": key, "seconds": seconds, "result": dataclasses.asdict(stage_result)}))
+    record.write_json({"key": key, "seconds": seconds, "result": dataclasses.asdict(stage_result)}, indent=None)
     return Stage(stage_result, key, seconds, reused=False)
 
 
@@ -310,7 +310,7 @@ def run_stage1(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str | 
                prepared: dict[str, Stage]) -> tuple[Stage | None, Stage, str]:
     """Stage 1 unless a checkpoint is the starting point: (its stage or None, the stage every
     branch starts after, the starting encoder's path)."""
-    root = cfg.run.dir()
+    root = cfg.run.location()
     upstream_key = "+".join(s.key for s in prepared.values())
     data_stage = Stage(StageResult("prepare", "", {}, 0.0), upstream_key, 0.0,
                        reused=all(s.reused for s in prepared.values()))
@@ -326,7 +326,7 @@ def run_upstream(cfg: PipelineConfig, opts: PipelineOptions, parent: Any) -> tup
     branch (or a sweep's trial) starts from, with data.shards and encoder.checkpoint set, and stage 1."""
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
-    prepared = {name: run_prepare(name, pcfg, parent, opts, cfg.run.dir())
+    prepared = {name: run_prepare(name, pcfg, parent, opts, cfg.run.location())
                 for name, pcfg in prepare_configs(cfg).items()}
     stage1, _, encoder = run_stage1(cfg, opts, parent.run_id, prepared)
     return replace(cfg, [("encoder.checkpoint", encoder)]), stage1
@@ -335,7 +335,7 @@ def run_upstream(cfg: PipelineConfig, opts: PipelineOptions, parent: Any) -> tup
 def run_branches(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str | None,
                  prepared: dict[str, Stage]) -> tuple[Stage | None, dict[str, dict[str, Stage]]]:
     """Stage 1 (unless a checkpoint is the starting point), then each branch from that encoder."""
-    root = cfg.run.dir()
+    root = cfg.run.location()
     at_root = [("run.storage", str(root))]
     stage1, start, encoder = run_stage1(cfg, opts, parent_run_id, prepared)
     branches: dict[str, dict[str, Stage]] = {}
@@ -369,7 +369,7 @@ def run(cfg: PipelineConfig, opts: PipelineOptions, parent: Any = None,
     start = time.perf_counter()
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
-    root = cfg.run.dir()
+    root = cfg.run.location()
     seconds = dict(data_seconds or {})
     prepared = {}
     for name, pcfg in prepare_configs(cfg).items():
@@ -385,17 +385,16 @@ def finish(cfg: PipelineConfig, opts: PipelineOptions, parent: Any, stage1: Stag
     from pipelines.tracking import mlflow_ui_command
 
     report = build_report(cfg, branches, stage1, data_seconds, seconds)
-    report.update({"out_dir": str(cfg.run.dir()),
+    report.update({"out_dir": str(cfg.run.location()),
                    "mlflow": {"parent_run_id": parent.run_id, "experiment": cfg.tracking.experiment,
                               "ui": mlflow_ui_command(cfg.tracking)}})
-    path = cfg.run.dir() / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    log_report(parent, report, path)
+    path = cfg.run.location() / "report.json"
+    path.write_json(report)
+    log_report(parent, report)
     print("\n".join(["", f"{opts.log_prefix}: done in {seconds:.0f} s", *table_lines(report), "",
                      f"MLflow: parent run {parent.run_id} in experiment {cfg.tracking.experiment!r} (stages are its "
                      "child runs); browse with:", f"  {report['mlflow']['ui']}",
-                     f"report: {path}; stage outputs under {cfg.run.dir()}/"
+                     f"report: {path}; stage outputs under {cfg.run.location()}/"
                      f"{{{','.join((['stage1'] if stage1 else []) + list(branches))}}}/"]), flush=True)
     return report
 

@@ -12,8 +12,8 @@ Pipeline (one pass over the videos, on the current Ray cluster):
 Per-video failures are caught inside the worker and listed in the manifest's `errors`; the
 run exits non-zero only when they exceed `max_error_fraction`. A rerun with the same output
 skips committed videos; a rerun with a different data-defining config is refused unless
-`--overwrite`. Output is a local (or shared, on multi-node clusters) folder; the video
-folder may be any pyarrow filesystem URI.
+`--overwrite`. Output is a local (or shared, on multi-node clusters) folder or an object-store
+URI (s3://, gs://; pipelines.storage); the video folder may be any pyarrow filesystem URI.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from lofi.fidelity import PRESETS
 from pipelines import shards
 from pipelines.cluster import RayConfig, connect_ray
 from pipelines.decode import decode_batch
+from pipelines.storage import Location, location, uri_problem
 
 COMPRESSIONS = ("none", "snappy", "lz4", "zstd", "gzip", "brotli")
 # Config fields that change no byte of the data (or name the output itself): a rerun may change them.
@@ -128,7 +128,7 @@ class InputConfig:
 @dataclass(frozen=True)
 class PrepareConfig:
     input: InputConfig
-    output: str  # local (or shared) folder to write the dataset into
+    output: str  # folder (shared by all nodes) or object-store URI (s3://bucket/prefix) to write the dataset into
     # preset names or LevelSpec sections (typed Any so that a bad section reports its own error,
     # which lofi.config's union coercion would replace by "matches none of")
     levels: tuple[Any, ...] = ("full",)
@@ -167,6 +167,13 @@ class PrepareConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_error_fraction <= 1 or self.max_row_mib <= 0:
             raise ValueError("max_error_fraction must be in [0, 1] and max_row_mib > 0")
+        problem = uri_problem(self.output)
+        if problem:
+            raise ValueError(f"output: {problem}")
+
+    def output_location(self) -> Location:
+        """The output folder: a local path or an object-store URI (never Ray job's temp folder)."""
+        return location(self.output, "output", output=True)
 
     def resolved_levels(self) -> list[dict[str, Any]]:
         max_row_bytes = int(self.max_row_mib * 2**20)
@@ -260,23 +267,24 @@ def build_items(videos: list[Any], labels: tuple[str, ...], files: dict[str, str
 
 def prepare_output(cfg: PrepareConfig) -> set[str]:
     """Create or check OUT; drop uncommitted writes; return the ids already committed."""
-    out = Path(cfg.output)
+    out = cfg.output_location()
+    out.check_bucket()
     record = out / shards.CONFIG_RECORD
     ours = record.exists() or (out / shards.MANIFEST).exists() or (out / shards.PARTS_DIR).exists()
-    if out.exists() and any(out.iterdir()) and not ours:
+    if not ours and out.files(recursive=True):
         raise LofiError(f"output {out} exists and is not a `lofi prepare` output; choose an empty or new folder")
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        out.delete()
+    out.makedirs()
     key = json.loads(json.dumps(cfg.data_key()))
     if record.exists():
-        old = json.loads(record.read_text())
+        old = record.read_json()
         if old != key:
             changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             raise LofiError(f"{out} was written with a different config (differs in: {', '.join(changed)}); "
                             "rerun with the same config to resume, or pass --overwrite to start over")
     else:
-        shards.write_json_atomic(record, key)
+        record.write_json(key)
     shards.remove_uncommitted(out, [level["name"] for level in cfg.resolved_levels()])
     return {vid for part in shards.committed_parts(out) for vid in part["video_ids"] + part["failed_ids"]}
 
@@ -310,8 +318,7 @@ def run_pipeline(cfg: PrepareConfig, items: list[dict[str, Any]], levels: list[d
     ds = ray.data.from_items(items, override_num_blocks=num_parts)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", compute=strategy,
                         fn_kwargs={"levels": levels, "options": options})
-    ds.write_datasink(ShardSink(str(Path(cfg.output).resolve()), levels, cfg.compression),
-                      concurrency=workers)
+    ds.write_datasink(ShardSink(cfg.output_location().uri, levels, cfg.compression), concurrency=workers)
 
 
 # 4. entry points -----------------------------------------------------------------------------
@@ -324,14 +331,15 @@ def run(cfg: PrepareConfig, verbose: bool = True) -> PrepareResult:
     done = prepare_output(cfg)
     items, list_errors = build_items(videos, labels, list_video_files(cfg.input.videos), cfg.input.videos)
     todo = [item for item in items if item["video_id"] not in done]
+    out = cfg.output_location()
     if todo:
         run_pipeline(cfg, todo, levels)
-        shards.remove_uncommitted(cfg.output, [level["name"] for level in levels])  # e.g. from retried tasks
+        shards.remove_uncommitted(out, [level["name"] for level in levels])  # e.g. from retried tasks
     wall = time.perf_counter() - start
-    manifest = shards.build_manifest(cfg.output, {**to_dict(cfg), "levels": levels}, levels, labels, list_errors,
+    manifest = shards.build_manifest(out, {**to_dict(cfg), "levels": levels}, levels, labels, list_errors,
                                      total=len(videos), wall_time_sec=wall, processed=len(todo))
-    manifest_path = Path(cfg.output) / shards.MANIFEST
-    shards.write_json_atomic(manifest_path, manifest)
+    manifest_path = out / shards.MANIFEST
+    manifest_path.write_json(manifest)  # last: readers trust what it lists
     if verbose:
         print("\n".join(shards.summary_lines(manifest, cfg.output)), flush=True)
     failed = manifest["counts"]["videos_failed"]
@@ -348,7 +356,8 @@ CONFIG_KEYS = """config keys (in the YAML file, or --set KEY=VALUE):
   input.metadata         metadata CSV for annotation formats without durations
   input.subsets          only these subsets (default: all); input.limit: first N videos by id (0: all)
   input.annotation_errors  invalid annotation entries: raise (default, all reported at once), skip (drop them), keep (as written)
-  output                 folder to write (shared by all nodes on a multi-node cluster)
+  output                 folder to write (shared by all nodes on a multi-node cluster) or s3://bucket/prefix,
+                         gs://bucket/prefix (credentials and endpoint from AWS_* / GOOGLE_* in the environment)
   levels                 list of presets (full, s_lofi, t_lofi, st_lofi) or sections: name, preset,
                          num_snippets T | snippet_stride_sec, frames_per_snippet F, size_px S,
                          storage (uint8 | jpeg), jpeg_quality, snippets_per_row (default: the whole

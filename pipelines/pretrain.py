@@ -38,6 +38,7 @@ class names, background last when used, and the training clips per class).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ from pipelines.batches import (CLIP_COLUMNS, numpy_batch, read_video_labels, sni
                                tensor_column)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.storage import local_file
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
-                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
+                               fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
+                               write_outputs)
 
 STAGE = "pretrain"
 
@@ -189,7 +192,9 @@ class PretrainLoop:
         self.weights = config.get("class_weights")
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
-        return ClipClassifier(build_encoder(ctx.cfg.encoder), self.num_outputs)
+        checkpoint = local_file(ctx.cfg.encoder.checkpoint, "encoder.checkpoint")  # a URI: a node-local copy
+        encoder = build_encoder(dataclasses.replace(ctx.cfg.encoder, checkpoint=checkpoint))
+        return ClipClassifier(encoder, self.num_outputs)
 
     def param_groups(self, model: nn.Module, optim: Any) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "name": "classifier"}]
@@ -241,7 +246,7 @@ def _loop(config: dict[str, Any]) -> None:
 
 
 def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ClipClassifier state dict -> its VideoEncoder's (lofi naming: backbone.*)."""
+    """A ClipClassifier (or stage 2's TALModel) state dict -> its VideoEncoder's (lofi naming: backbone.*)."""
     return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
 
 
@@ -252,7 +257,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
     names, source, tal_val = inputs["names"], inputs["source"], inputs["tal_val"]
     num_actions = len(names) - int(source.background)
     connect_ray(cfg.ray)
-    out_dir = cfg.run.stage_dir(STAGE)
+    out_dir = cfg.run.stage_location(STAGE)
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
         datasets = {"train": clip_dataset(cfg, source, cfg.data.train_subset, num_actions)}
@@ -270,14 +275,11 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         state = final_state(result)
         history = epoch_history(result, state)
         log_training(tracker, history)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts = {"encoder": str(out_dir / "encoder.pt"), "classes": str(out_dir / "classes.json")}
-        torch.save(encoder_state(state["model"]), artifacts["encoder"])
-        (out_dir / "classes.json").write_text(json.dumps(
-            {"classes": names, "train_clips_per_class": dict(zip(names, counts)), "shards": source.shards,
-             "level": source.level}, indent=1))
-        for path in artifacts.values():
-            tracker.log_artifact(path)
+        classes = {"classes": names, "train_clips_per_class": dict(zip(names, counts)), "shards": source.shards,
+                   "level": source.level}
+        artifacts = write_outputs(out_dir, {"encoder": ("encoder.pt", torch_bytes(encoder_state(state["model"]))),
+                                            "classes": ("classes.json", json.dumps(classes, indent=1).encode())},
+                                  tracker)
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
 

@@ -12,12 +12,11 @@ MLflow run with the plot of average mAP against activation memory.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from pipelines.config import PipelineConfig
 from pipelines.step_memory import stage2_encoder_config
+from pipelines.storage import location
 
 # stage 1's final metrics that the report shows (held-out clips, TAL validation snippets)
 STAGE1_KEYS = ("val_accuracy", "val_balanced_accuracy", "val_tal_accuracy", "val_tal_balanced_accuracy")
@@ -71,7 +70,7 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
 
 def branch_report(stages: dict[str, Any], memory_bytes: int) -> dict[str, Any]:
     detect = stages["detect"].result
-    scores = json.loads(Path(detect.artifacts["eval"]).read_text())
+    scores = location(detect.artifacts["eval"], "detect output").read_json()
     return {"tiou_thresholds": scores["tiou_thresholds"], "mAP": scores["mAP"], "average_mAP": scores["average_mAP"],
             "activation_memory_bytes": memory_bytes,
             "stage_seconds": {name: round(s.seconds, 2) for name, s in stages.items()},
@@ -123,7 +122,7 @@ def build_report(cfg: PipelineConfig, branches: dict[str, dict[str, Any]], stage
     return report
 
 
-def log_report(parent: Any, report: dict[str, Any], path: Path) -> None:
+def log_report(parent: Any, report: dict[str, Any]) -> None:
     """The report on the parent MLflow run: headline metrics, report.json, mAP against memory."""
     from pipelines.plots import memory_vs_map
 
@@ -131,6 +130,6 @@ def log_report(parent: Any, report: dict[str, Any], path: Path) -> None:
     parent.log_metrics({f"{b}_{k}": report[b][k] for b in branches for k in ("average_mAP", "activation_memory_bytes")},
                        step=0)
     parent.log_metrics({f"stage1_{k}": v for k, v in report["stage1"].items()}, step=0)
-    parent.log_artifact(str(path))
+    parent.log_dict(report, "report.json")  # the bytes of <run>/report.json, wherever run.storage is
     parent.log_figure(memory_vs_map([(BRANCH_TITLES[b], report[b]["activation_memory_bytes"], report[b]["average_mAP"])
                                      for b in branches]), "plots/memory_vs_map.png")

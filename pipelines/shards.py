@@ -1,6 +1,6 @@
 """Shard layout, schema, writer and readers of the dataset `lofi prepare` writes.
 
-Layout of an output folder OUT (local):
+Layout of an output folder OUT (a local folder or an object-store URI: pipelines.storage):
 
     OUT/manifest.json                  written (atomically) at the end of every run: resolved config,
                                        levels, label names, counts, shard files, errors, wall time
@@ -8,13 +8,16 @@ Layout of an output folder OUT (local):
     OUT/_parts/part-<hash>.json        commit record of one part (a group of videos): ids written,
                                        ids failed with their errors, rows/bytes/file per level
     OUT/<level>/part-<hash>.parquet    one Parquet file per part and level
-    OUT/.tmp/                          writes in flight; removed when a run starts
+    OUT/.tmp/                          writes in flight (local OUT); removed when a run starts
 
-A part is written under OUT/.tmp, its files renamed into OUT/<level>/, and only then its
-record renamed into OUT/_parts/: the record is the commit point. Readers take the files
-named by records (the manifest lists the same), so a killed run never exposes half a part;
-files without a record are deleted by the next run, which skips the committed videos.
-`<hash>` is a hash of the part's video ids, so a retried task rewrites the same part.
+Local OUT: a part is written under OUT/.tmp, its files renamed into OUT/<level>/, and only
+then its record renamed into OUT/_parts/. Object store (no rename; one upload is atomic): a
+part is written to a scratch folder on the worker, each file uploaded to its final name
+OUT/<level>/part-<hash>.parquet, and only then the record uploaded. Either way the record is
+the commit point and the manifest is written last: readers take the files named by records
+(the manifest lists the same), so a killed run never exposes half a part; files without a
+record are deleted by the next run, which skips the committed videos. `<hash>` is a hash of
+the part's video ids, so a retried task rewrites the same part (the same object names).
 
 One row = one video x level x chunk of snippets. Columns (every file of a level has the
 same schema; the schema metadata holds `lofi.schema_version` and the level as JSON):
@@ -51,6 +54,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -60,6 +65,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
+from pipelines.storage import Location, location, read_parquet
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -158,20 +164,26 @@ def part_name(video_ids: Iterable[str]) -> str:
     return f"part-{digest}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+def shards_location(out_dir: str | Path | Location, key: str = "data.shards") -> Location:
+    """A shard folder as a Location (a path, a URI, or one already)."""
+    return out_dir if isinstance(out_dir, Location) else location(str(out_dir), key)
+
+
+def write_json_atomic(path: str | Path | Location, data: Any) -> None:
+    """The whole file or nothing: renamed into place locally, one upload to an object store."""
+    shards_location(path).write_json(data)
 
 
 class PartWriter:
     """Writes the staging rows of one part to per-level Parquet files and commits them."""
 
-    def __init__(self, out_dir: str | Path, levels: list[dict[str, Any]], compression: str) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str | Path | Location, levels: list[dict[str, Any]], compression: str) -> None:
+        self.out = shards_location(out_dir, "output")
         self.levels = {level["name"]: level for level in levels}
         self.compression = compression
-        self.tmp = self.out_dir / TMP_DIR / uuid.uuid4().hex
+        # local OUT: beside the final files (so commit is a rename); an object store: the worker's disk
+        scratch = self.out.local_path() / TMP_DIR if self.out.is_local else Path(tempfile.gettempdir()) / "lofi-parts"
+        self.tmp = scratch / uuid.uuid4().hex
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.rows = {name: 0 for name in self.levels}
         self.frames = {name: 0 for name in self.levels}
@@ -215,75 +227,67 @@ class PartWriter:
                     raise RuntimeError(f"part holds chunks {sorted(got)} of {count} of video {vid} at level {level}: "
                                        "its rows were split across write tasks (decode and write not fused)")
         name = part_name(sorted(self.ok_ids) + failed_ids)
-        record_path = self.out_dir / PARTS_DIR / f"{name}.json"
+        record_path = self.out / PARTS_DIR / f"{name}.json"
         record: dict[str, Any] = {"part": name, "video_ids": sorted(self.ok_ids), "failed_ids": failed_ids,
                                   "errors": self.errors, "decode_sec": self.decode_sec, "levels": {}}
-        if record_path.exists():  # a retried task: the first attempt already committed this part
-            _remove_tree(self.tmp)
-            return json.loads(record_path.read_text())
-        for level, writer in self.writers.items():
-            rel = f"{level}/{name}.parquet"
-            (self.out_dir / level).mkdir(exist_ok=True)
-            os.replace(self.tmp / f"{level}.parquet", self.out_dir / rel)
-            record["levels"][level] = {"file": rel, "rows": self.rows[level], "frames": self.frames[level],
-                                       "bytes": (self.out_dir / rel).stat().st_size}
-        (self.out_dir / PARTS_DIR).mkdir(exist_ok=True)
-        write_json_atomic(record_path, record)
-        _remove_tree(self.tmp)
-        return record
+        try:
+            if record_path.exists():  # a retried task: the first attempt already committed this part
+                return record_path.read_json()
+            for level in self.writers:
+                rel, scratch = f"{level}/{name}.parquet", self.tmp / f"{level}.parquet"
+                record["levels"][level] = {"file": rel, "rows": self.rows[level], "frames": self.frames[level],
+                                           "bytes": scratch.stat().st_size}
+                if self.out.is_local:
+                    (self.out.local_path() / level).mkdir(exist_ok=True)
+                    os.replace(scratch, self.out.local_path() / rel)
+                else:
+                    (self.out / rel).upload(scratch)
+            record_path.write_json(record)  # the commit point: written last
+            return record
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _remove_tree(path: Path) -> None:
-    if not path.exists():
-        return
-    for child in sorted(path.rglob("*"), reverse=True):
-        child.rmdir() if child.is_dir() else child.unlink()
-    path.rmdir()
-
-
-def committed_parts(out_dir: str | Path) -> list[dict[str, Any]]:
+def committed_parts(out_dir: str | Path | Location) -> list[dict[str, Any]]:
     """Records of the parts that finished writing, sorted by part name."""
-    parts = Path(out_dir) / PARTS_DIR
-    if not parts.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(parts.glob("part-*.json"))]
+    return [part.read_json() for part in (shards_location(out_dir) / PARTS_DIR).files("part-*.json")]
 
 
-def remove_uncommitted(out_dir: str | Path, level_names: Iterable[str]) -> int:
+def remove_uncommitted(out_dir: str | Path | Location, level_names: Iterable[str]) -> int:
     """Delete writes a killed run left behind; return how many shard files went.
 
     A record whose files are gone (a task that outlived its killed driver and committed
     while the next run was cleaning up) is dropped too, so its videos are redone.
     """
-    out = Path(out_dir)
-    _remove_tree(out / TMP_DIR)
+    out = shards_location(out_dir)
+    (out / TMP_DIR).delete()
     for part in committed_parts(out):
         if not all((out / info["file"]).is_file() for info in part["levels"].values()):
-            (out / PARTS_DIR / f"{part['part']}.json").unlink()
+            (out / PARTS_DIR / f"{part['part']}.json").delete()
     kept = {info["file"] for part in committed_parts(out) for info in part["levels"].values()}
     removed = 0
     for level in level_names:
-        for path in sorted((out / level).glob("part-*.parquet")):
+        for path in (out / level).files("part-*.parquet"):
             if f"{level}/{path.name}" not in kept:
-                path.unlink()
+                path.delete()
                 removed += 1
     return removed
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / MANIFEST
+def read_manifest(out_dir: str | Path | Location) -> dict[str, Any]:
+    path = shards_location(out_dir) / MANIFEST
     if not path.is_file():
         raise LofiError(f"{path} does not exist: run `lofi prepare` with output {out_dir} to completion first")
-    return json.loads(path.read_text())
+    return path.read_json()
 
 
-def level_files(out_dir: str | Path, level: str) -> tuple[dict[str, Any], list[str]]:
-    """The manifest entry of `level` and the absolute paths of its shard files."""
+def level_files(out_dir: str | Path | Location, level: str) -> tuple[dict[str, Any], list[str]]:
+    """The manifest entry of `level` and the absolute paths (or URIs) of its shard files."""
     manifest = read_manifest(out_dir)
     levels = {entry["name"]: entry for entry in manifest["levels"]}
     if level not in levels:
-        raise LofiError(f"{Path(out_dir) / MANIFEST}: no level {level!r}; levels: {', '.join(levels)}")
-    return levels[level], [str(Path(out_dir) / rel) for rel in levels[level]["shards"]]
+        raise LofiError(f"{shards_location(out_dir) / MANIFEST}: no level {level!r}; levels: {', '.join(levels)}")
+    return levels[level], [str(shards_location(out_dir) / rel) for rel in levels[level]["shards"]]
 
 
 def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None = None) -> pa.Table:
@@ -293,7 +297,7 @@ def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None 
         empty = level_schema(entry).empty_table()
         return empty if columns is None else empty.select(columns)
     need = None if columns is None else sorted(set(columns) | {"video_id", "chunk_index"})
-    table = pa.concat_tables([pq.read_table(f, columns=need) for f in files])
+    table = pa.concat_tables([read_parquet(f, columns=need) for f in files])
     table = table.sort_by([("video_id", "ascending"), ("chunk_index", "ascending")])
     return table if columns is None else table.select(columns)
 

@@ -57,9 +57,12 @@ from pipelines.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index,
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.detect import detection_entries, score_in_memory
+from pipelines.pretrain import encoder_state
 from pipelines.step_memory import activation_memory_by_level, stage2_encoder_config
+from pipelines.storage import local_file
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
-                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
+                               fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
+                               write_outputs)
 
 STAGE = "train"
 LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
@@ -182,7 +185,9 @@ class TrainLoop:
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         self.schedule = FidelitySchedule(ctx.cfg.fidelity)
-        encoder = build_encoder(stage2_encoder_config(ctx.cfg))
+        enc_cfg = stage2_encoder_config(ctx.cfg)
+        checkpoint = local_file(enc_cfg.checkpoint, "encoder.checkpoint")  # a URI: a node-local copy
+        encoder = build_encoder(dataclasses.replace(enc_cfg, checkpoint=checkpoint))
         head = build_head(ctx.cfg.head, encoder.feature_dim, self.head_snippets, self.num_classes)
         return TALModel(encoder, head, self.head_snippets)
 
@@ -307,25 +312,24 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
                      "val_level": dataclasses.asdict(val_level) if has_val else None}}
 
 
-def write_outputs(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any]) -> dict[str, str]:
-    out_dir = cfg.run.stage_dir(STAGE)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    """encoder.pt, model.pt and model.json of the final state, as {name: (file name, bytes)}."""
     model = state["model"]
-    paths = {"encoder": out_dir / "encoder.pt", "model": out_dir / "model.pt", "model_config": out_dir / "model.json"}
-    torch.save({k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}, paths["encoder"])
-    torch.save(model, paths["model"])
-    paths["model_config"].write_text(json.dumps({
+    model_config = {
         "encoder": to_dict(dataclasses.replace(cfg.encoder, checkpoint=None)), "head": to_dict(cfg.head),
         "head_snippets": plan["loop"]["head_snippets"], "num_classes": plan["loop"]["num_classes"],
         "labels": plan["manifest"]["labels"], "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
-    }, indent=1))
-    return {name: str(path) for name, path in paths.items()}
+    }
+    return {"encoder": ("encoder.pt", torch_bytes(encoder_state(model))), "model": ("model.pt", torch_bytes(model)),
+            "model_config": ("model.json", json.dumps(model_config, indent=1).encode())}
 
 
-def _log_encoder(tracker: Any, cfg: PipelineConfig, encoder_path: str, levels: tuple[FidelityLevel, ...]) -> None:
+def _log_encoder(tracker: Any, cfg: PipelineConfig, weights: dict[str, torch.Tensor],
+                 levels: tuple[FidelityLevel, ...]) -> None:
     # plain float32 inference: what a user of the logged model runs, on any device
-    encoder = build_encoder(dataclasses.replace(cfg.encoder, checkpoint=encoder_path, checkpoint_format="lofi",
-                                                amp_dtype="none", activation_checkpointing=()))
+    encoder = build_encoder(dataclasses.replace(cfg.encoder, checkpoint=None, amp_dtype="none",
+                                                activation_checkpointing=()))
+    encoder.load_state_dict(weights)
     level = max(levels, key=lambda lv: lv.pixels_per_video())
     example = torch.zeros(1, 2, level.frames_per_snippet, level.size_px, level.size_px, 3, dtype=torch.uint8)
     tracker.log_torch_model(encoder.eval(), "encoder", input_example=example, dynamic_dims=(0, 1))
@@ -350,12 +354,11 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[
         history = epoch_history(result, state)
         log_training(tracker, history)
         tracker.log_metrics({"activation_memory_bytes": float(memory)}, step=0)
-        artifacts = write_outputs(cfg, state, plan)
-        for path in artifacts.values():
-            tracker.log_artifact(path)
-        _log_encoder(tracker, cfg, artifacts["encoder"], levels)
+        out = cfg.run.stage_location(STAGE)
+        artifacts = write_outputs(out, output_files(cfg, state, plan), tracker)
+        _log_encoder(tracker, cfg, encoder_state(state["model"]), levels)
         run_id = tracker.run_id
-    return finish_stage(cfg, STAGE, start, history, artifacts, cfg.run.stage_dir(STAGE), run_id,
+    return finish_stage(cfg, STAGE, start, history, artifacts, out, run_id,
                         {"activation_memory_bytes": float(memory)})
 
 

@@ -26,7 +26,6 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -38,10 +37,11 @@ from pipelines.batches import (VIDEO_INDEX, VideoLabel, add_video_index, batch_t
                                tal_batch_loss, video_seed)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.extract import features_dir
+from pipelines.extract import features_location
 from pipelines.features import feature_files, features_dataset, read_features, read_features_manifest
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
-                               fits_in_memory, log_training, stage_tracker, table_dataset, worker_loop)
+                               fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
+                               write_outputs)
 
 STAGE = "train_head"
 LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
@@ -50,7 +50,7 @@ FEATURE_COLUMNS = ("features", VIDEO_INDEX, "duration_sec")
 
 def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """The features manifest, checked for what head training needs; all problems at once."""
-    folder = features_dir(cfg)
+    folder = features_location(cfg)
     manifest = read_features_manifest(folder)
     counts = manifest["counts"]["per_subset"]
     problems = []
@@ -74,9 +74,9 @@ def feature_rows(cfg: PipelineConfig, manifest: dict[str, Any], subset: str, ind
     """Ray Dataset of one subset's features (B, T, D), video_index and duration_sec."""
     num_bytes = manifest["counts"]["per_subset"][subset] * manifest["num_snippets"] * manifest["feature_dim"] * 4
     if fits_in_memory(cfg, num_bytes):
-        table = read_features(features_dir(cfg), subset, columns=["video_id", "features", "duration_sec"])
+        table = read_features(features_location(cfg), subset, columns=["video_id", "features", "duration_sec"])
         return table_dataset(add_video_index(table, index).select(list(FEATURE_COLUMNS)))
-    ds = features_dataset(features_dir(cfg), subset)
+    ds = features_dataset(features_location(cfg), subset)
     ds = ds.map_batches(add_video_index, batch_format="pyarrow", fn_kwargs={"index": index})
     return ds.select_columns(list(FEATURE_COLUMNS))
 
@@ -189,12 +189,12 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
     """Stage 3: train the head on <run>/features; write <run>/head/model.pt."""
     start = time.perf_counter()
     manifest = check_inputs(cfg)
-    index, by_index = index_videos(read_video_labels(feature_files(features_dir(cfg))))
+    index, by_index = index_videos(read_video_labels(feature_files(features_location(cfg))))
     has_val = bool(manifest["counts"]["per_subset"].get(cfg.data.val_subset))
     loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": manifest["labels"],
             "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"], "has_val": has_val}
     connect_ray(cfg.ray)
-    out_dir = cfg.run.dir() / "head"
+    out_dir = cfg.run.location() / "head"
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
         datasets = {"train": feature_rows(cfg, manifest, cfg.data.train_subset, index)}
@@ -204,15 +204,12 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         state = final_state(result)
         history = epoch_history(result, state)
         log_training(tracker, history)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts = {"model": str(out_dir / "model.pt"), "model_config": str(out_dir / "model.json")}
-        torch.save(state["model"], artifacts["model"])
-        (out_dir / "model.json").write_text(json.dumps({
-            "head": to_dict(cfg.head), "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"],
-            "num_classes": len(manifest["labels"]), "labels": manifest["labels"],
-            "features": str(features_dir(cfg))}, indent=1))
-        for path in artifacts.values():
-            tracker.log_artifact(path)
+        model_config = {"head": to_dict(cfg.head), "num_snippets": manifest["num_snippets"],
+                        "feature_dim": manifest["feature_dim"], "num_classes": len(manifest["labels"]),
+                        "labels": manifest["labels"], "features": str(features_location(cfg))}
+        artifacts = write_outputs(out_dir, {"model": ("model.pt", torch_bytes(state["model"])),
+                                            "model_config": ("model.json", json.dumps(model_config, indent=1).encode())},
+                                  tracker)
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
 

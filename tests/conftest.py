@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import socket
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -36,6 +40,47 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+S3_BUCKET = "lofi-test"
+
+
+@functools.cache
+def s3_environment() -> dict[str, str]:
+    """The loopback S3 server's endpoint and credentials, set in this process's environment.
+
+    A port is reserved now and the server (`s3_server`) starts on it only when a test needs it;
+    `ray_cluster` calls this before `ray.init`, so the Ray workers (started with the raylet,
+    which inherits this environment) reach the same server whichever fixture comes first."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "lofi-test",
+           "AWS_SECRET_ACCESS_KEY": "lofi-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        os.environ.pop(name, None)  # a developer's own settings would win over the test server's
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's, from the registry package `moto[server]`) on loopback
+    for the session, with bucket `lofi-test`; returns `s3://lofi-test`. Endpoint and credentials
+    are in the environment (`s3_environment`), where pyarrow, boto3 and MLflow read them."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    env = s3_environment()
+    port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session: starting one costs seconds here.
@@ -45,6 +90,7 @@ def ray_cluster():
     (a Tune trial stopped by ASHA); without it they stay reserved and later runs hang."""
     import ray
 
+    s3_environment()  # before the raylet starts: its workers inherit the environment
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from lofi.config import load_config, replace
 from lofi.errors import LofiError
 from pipelines.config import PipelineConfig
+from pipelines.storage import location
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class SearchSection:
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"
-    storage: str = "sweeps"  # root folder of sweeps: <storage>/<name>/ holds trials, Tune's state, results
+    # root folder of sweeps (a path; not yet a URI): <storage>/<name>/ holds trials, Tune's state, results
+    storage: str = "sweeps"
     pipeline: str = ""  # the pipeline YAML every trial starts from (deploy/configs/pipeline/*.yaml)
     set: tuple[str, ...] = ()  # key=value overrides of that config for every trial
     space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {grid|choice|uniform|loguniform: ...}
@@ -70,7 +72,8 @@ class SweepConfig:
                              "deploy/configs/pipeline/demo.yaml")
 
     def dir(self) -> Path:
-        return Path(self.storage).expanduser().resolve() / self.name
+        # a local (or shared) folder: Tune's state and the trials' runs; never a Ray job's temp folder
+        return location(self.storage, "storage", output=True).local_path() / self.name
 
     def base_config(self) -> PipelineConfig:
         """The pipeline config every trial starts from: the YAML with `set` applied."""

@@ -39,6 +39,7 @@ from lofi.config import add_config_arguments, config_from_args, from_dict, repla
 from lofi.errors import LofiError, cli_errors
 from lofi.fidelity import FidelityLevel, FidelitySchedule, resolve_level
 from pipelines.config import PipelineConfig
+from pipelines.storage import location
 from tuning import results
 from tuning.config import SweepConfig
 from tuning.space import parse_space, sample_points
@@ -158,7 +159,7 @@ def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str
     target = replace(base, [("data.shards", str(scfg.dir() / "prepared"))])
     pcfg = pipeline.prepare_configs(target, extra_levels=tuple(missing.values()))["prepare"]
     opts = pipeline.PipelineOptions(log_prefix=LOG)
-    pipeline.run_prepare("sweep_prepare", pcfg, parent, opts, scfg.dir())
+    pipeline.run_prepare("sweep_prepare", pcfg, parent, opts, location(str(scfg.dir()), "storage"))
     return target
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from lofi.errors import LofiError
-from pipelines.tracking.config import artifact_location
+from pipelines.tracking.config import TrackingWarning, artifact_location
 
 # MLflow's own limits (mlflow.utils.validation): longer values and bigger batches are refused.
 MAX_PARAM_VALUE_CHARS = 6000
@@ -99,14 +100,16 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-def experiment_id(mlflow_client: Any, uri: str, name: str) -> str:
-    """The experiment's id, created (artifacts beside a SQLite file) if it does not exist."""
+def experiment_id(mlflow_client: Any, uri: str, name: str, artifact_root: str | None = None) -> str:
+    """The experiment's id, created if it does not exist, with its artifacts under `artifact_root`
+    (tracking.artifact_location) or else beside a SQLite file."""
     from mlflow.exceptions import MlflowException
 
+    wanted = artifact_location(uri, name, artifact_root)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name))
+            return mlflow_client.create_experiment(name, artifact_location=wanted)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another rank or stage created it first
                 raise
@@ -116,7 +119,16 @@ def experiment_id(mlflow_client: Any, uri: str, name: str) -> str:
             f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted; restore it with "
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or set tracking.experiment to a new name"
         )
+    if artifact_root and _plain(experiment.artifact_location) != _plain(wanted):
+        warnings.warn(f"tracking.artifact_location: MLflow experiment {name!r} already exists with its artifacts in "
+                      f"{experiment.artifact_location}, which it keeps (not {wanted}); set tracking.experiment to a new "
+                      "name to put artifacts there", TrackingWarning, stacklevel=2)
     return experiment.experiment_id
+
+
+def _plain(artifact_location: str) -> str:
+    """A location as compared: MLflow stores local folders as file:// URIs."""
+    return artifact_location.removeprefix("file://").rstrip("/")
 
 
 def param_value(value: Any) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lofi.config import ConfigError
+from pipelines.storage import in_ray_job, location, uri_problem
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"  # beside the SQLite file, as `mlflow server` names its own
@@ -22,6 +23,11 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str = "lofi"
     register_model_as: str | None = None  # registered model name for the trained encoder; None: log, do not register
+    # where a new experiment's artifacts go: <this>/<experiment>, a folder or an object-store URI (s3://bucket/prefix,
+    # gs://...; MLflow uploads with boto3 / google-cloud-storage, endpoint MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL).
+    # None: mlartifacts/ beside a SQLite database, or the tracking server's --default-artifact-root.
+    # An experiment keeps the location it was created with.
+    artifact_location: str | None = None
     enabled: bool = True  # false: every Tracker is a no-op (as on non-zero ranks)
     retries: int = 3  # retries of one failed call (short backoff) before it is queued
     timeout_sec: float = 5.0  # per HTTP request to a server (connect, each read); overrides MLFLOW_HTTP_REQUEST_TIMEOUT
@@ -33,6 +39,9 @@ class TrackingConfig:
             raise ValueError(f"tracking_uri: {problem}")
         if not self.experiment.strip():
             raise ValueError("experiment must be a non-empty name, e.g. lofi")
+        problem = self.artifact_location is not None and uri_problem(self.artifact_location)
+        if problem:
+            raise ValueError(f"artifact_location: {problem}")
         if self.register_model_as is not None and not self.register_model_as.strip():
             raise ValueError("register_model_as must be a name or null (no registration)")
         if self.retries < 0:
@@ -77,7 +86,14 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     problem = _uri_problem(uri)
     if problem:
         raise ConfigError(f"{where}: {problem}")
-    return _absolute_sqlite(uri)
+    resolved = _absolute_sqlite(uri)
+    db = sqlite_path(resolved)
+    if db is not None and in_ray_job() and db.resolve().is_relative_to(Path.cwd().resolve()):
+        raise ConfigError(
+            f"{where}: {uri} puts the MLflow database in {db}, inside the working directory of this Ray job, which "
+            "Ray deletes when the job ends; set tracking.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking server "
+            "(http://host:5000) or to a SQLite file on storage that outlives the job (sqlite:////shared/mlflow.db)")
+    return resolved
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -86,12 +102,15 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(match.group(1)) if match else None
 
 
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Artifacts of a SQLite-tracked experiment go beside the database; a server picks its own."""
+def artifact_location(uri: str, experiment: str, root: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: `<root>/<experiment>` (tracking.artifact_location, a
+    folder or an object-store URI), else beside a SQLite database; None: a server picks its own."""
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
+    if root:
+        return str(location(root, "tracking.artifact_location", output=True) / folder)
     db = sqlite_path(uri)
     if db is None:
         return None
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
     return str(db.parent / ARTIFACTS_DIR / folder)
 
 

@@ -10,7 +10,9 @@ the model arrive as if nothing had happened. `end()` tries the whole queue once 
 full retries; what still fails is dropped with a warning that counts it, and the run may
 then stay RUNNING on that server. The queue holds at most MAX_PENDING_CALLS calls; beyond
 that new calls are dropped (counted, one warning). A call that fails for any other reason
-(a refused value, a deleted experiment) is dropped with a warning at once.
+(a refused value, a deleted experiment) is dropped with a warning at once. The one error
+`start` raises is a config the user must fix before anything runs (a LofiError from
+resolving the tracking URI, e.g. a SQLite file inside a Ray job's temporary working directory).
 
 A killed job leaves its runs RUNNING: creating a run first ends, as KILLED, the RUNNING runs of
 the same name and parent in its experiment (and their RUNNING children), tagged lofi.closed_by.
@@ -28,7 +30,9 @@ import functools
 import io
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter, deque
@@ -39,6 +43,7 @@ from typing import Any, Callable
 import torch
 
 from lofi.config import dump_yaml, flatten, to_dict
+from lofi.errors import LofiError
 from pipelines.tracking import backend
 from pipelines.tracking.config import TrackingConfig, TrackingWarning, resolve_tracking_uri
 
@@ -74,6 +79,30 @@ def _never_raises(method: Callable) -> Callable:
     return guarded
 
 
+_STOP_SIGNALLED = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler's preemption) ends this process through SystemExit(143),
+    and the runs it leaves end KILLED, not FAILED. Install after `ray.init`, whose own handler it
+    replaces (Ray's exits with a code that a stage's cleanup may turn into another exception).
+    Main thread only, as Python's signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _STOP_SIGNALLED.set()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(exc_type: type[BaseException], exc: BaseException | None) -> bool:
+    """Ctrl-C, or a stop signal (whatever exception it became on the way out)."""
+    return issubclass(exc_type, KeyboardInterrupt) or _STOP_SIGNALLED.is_set() or (
+        issubclass(exc_type, SystemExit) and getattr(exc, "code", None) in (signal.SIGTERM, 128 + signal.SIGTERM))
+
+
 def _end_open_runs() -> None:
     for tracker in list(_OPEN):
         tracker.end("KILLED")
@@ -87,8 +116,9 @@ class Tracker:
     this one; `Tracker.attach(cfg, run_id)` logs to a run that exists (the stage's run, from
     the rank-0 Ray worker) and never creates or ends it. `enabled=False` (non-zero ranks) gives a
     tracker that does nothing and never imports MLflow. Leaving the `with` block ends the run
-    FINISHED, FAILED on an exception (its message in the tag `lofi.error`) or KILLED on
-    KeyboardInterrupt; an attached tracker only sends what is queued.
+    FINISHED, FAILED on an exception (its message in the tag `lofi.error`) or KILLED when the
+    process was stopped (KeyboardInterrupt; SIGTERM, as `ray job stop` sends, which Ray's driver
+    turns into SystemExit(15)); an attached tracker only sends what is queued.
     """
 
     def __init__(self, cfg: TrackingConfig, run_name: str, parent_run_id: str | None = None,
@@ -161,7 +191,7 @@ class Tracker:
             self.end("FINISHED")
             return False
         self.set_tags({"lofi.error": f"{exc_type.__name__}: {exc}"})
-        self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        self.end("KILLED" if _stopped(exc_type, exc) else "FAILED")
         return False  # the exception goes on
 
     # ---- logging: each builds its payload now (later changes by the caller do not leak in) ----
@@ -281,7 +311,9 @@ class Tracker:
         try:
             self._uri = resolve_tracking_uri(self.cfg)
             backend.mlflow_module()
-        except Exception as err:  # a bad $MLFLOW_TRACKING_URI, a broken MLflow install
+        except LofiError:  # a config the user must fix (e.g. a database Ray deletes with the job): said up front
+            raise
+        except Exception as err:  # a broken MLflow install
             self._warn(f"tracking is off for this run: {type(err).__name__}: {err}")
             self._dead = True
             return
@@ -357,7 +389,8 @@ class Tracker:
         return backend.client(self._uri)
 
     def _create_run(self) -> None:
-        self._experiment_id = backend.experiment_id(self._client(), self._uri, self.cfg.experiment)
+        self._experiment_id = backend.experiment_id(self._client(), self._uri, self.cfg.experiment,
+                                                    self.cfg.artifact_location)
         tags = dict(self._tags)
         parent_id = self._parent_run_id or self._parent_id()
         if parent_id:

@@ -68,7 +68,7 @@ there and waits (up to 120 s) so that a test can kill it, or look at the run and
 
 from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, finish_stage, fit, fits_in_memory,
                                       log_epochs, log_missing_epochs, log_training, stage_tracker, summary_lines,
-                                      table_dataset)
+                                      table_dataset, torch_bytes, write_outputs)
 from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, all_reduce, build_optimizer,
                                       numeric, peak_memory_bytes, progress_line, rng_state, say, seed_epoch,
                                       set_rng_state, worker_loop)
@@ -78,5 +78,5 @@ __all__ = [
     "PAUSE_ENV", "STATE_FILE", "StageLoop", "StepOutput", "WorkerContext", "all_reduce", "build_optimizer",
     "epoch_history", "final_state", "fit", "fits_in_memory", "log_epochs", "log_missing_epochs", "log_training", "numeric", "peak_memory_bytes",
     "progress_line", "rng_state", "say", "seed_epoch", "set_rng_state", "stage_tracker", "summary_lines",
-    "table_dataset", "worker_loop",
+    "table_dataset", "torch_bytes", "worker_loop", "write_outputs",
 ]

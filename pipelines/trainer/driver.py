@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from lofi.config import to_dict
 from lofi.errors import LofiError
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.storage import Location
 from pipelines.trainer.worker import STATE_FILE, numeric
 
 PAUSE_ENV = "LOFI_TEST_PAUSE"
@@ -78,6 +80,7 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
     if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no", "off"):
         raise LofiError("lofi needs Ray Train V2 (Ray's default): unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    cfg.run.location().check_bucket()  # a missing bucket or unreachable store: one clear line, before any worker
     live = _live_run(tracker)
     config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), "mlflow": live,
               **loop_config}
@@ -162,6 +165,25 @@ def final_state(result: Any) -> dict[str, Any]:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """`torch.save` of `obj` in memory: what `write_outputs` stores (a path or an object-store URI)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_outputs(out: Location, files: dict[str, tuple[str, bytes]], tracker: Any) -> dict[str, str]:
+    """A stage's outputs {name: (file name, bytes)} written under `out` (each file whole: a rename
+    locally, one upload to an object store) and logged as artifacts of its MLflow run; returns
+    {name: path or URI}. The pipeline's stage record, written after, is what marks them complete."""
+    paths = {}
+    for name, (file_name, data) in files.items():
+        (out / file_name).write_bytes(data)
+        tracker.log_bytes(data, file_name)
+        paths[name] = str(out / file_name)
+    return paths
+
+
 def log_epochs(tracker: Any, history: list[dict[str, Any]]) -> None:
     """Each epoch's numeric metrics at step = epoch (what the rank-0 worker logs live)."""
     for row in history:
@@ -191,7 +213,7 @@ def stage_tracker(cfg: PipelineConfig, stage: str, parent_run_id: str | None) ->
 
 
 def finish_stage(cfg: PipelineConfig, stage: str, start: float, history: list[dict[str, Any]],
-                 artifacts: dict[str, str], out_dir: Path, run_id: str | None,
+                 artifacts: dict[str, str], out_dir: Location, run_id: str | None,
                  extra_metrics: dict[str, float] | None = None) -> StageResult:
     """The end every training stage shares: final metrics, the printed summary, the result."""
     metrics = (numeric(history[-1]) if history else {}) | (extra_metrics or {})

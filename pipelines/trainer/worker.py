@@ -181,13 +181,13 @@ def _attach_tracker(ctx: WorkerContext, stage: StageLoop) -> Any:
 
 def quiet_report_log() -> None:
     """Ray Train logs every report's whole metrics dict at INFO from the worker, through a logger
-    named after its source file, so RunConfig's logging level does not reach it; the loop prints
-    its own line per epoch instead."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: its log line stays
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    named after its source file (.../ray/train/v2/.../context.py), so RunConfig's logging level
+    does not reach it; the loop prints its own line per epoch instead. Matched by name, with no
+    import of Ray's private modules: under another layout the line simply stays."""
+    suffix = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from lofi.models.encoders import EncoderConfig, build_encoder
 from pipelines import plots
 from pipelines.tracking import (Tracker, TrackingConfig, TrackingWarning, close_running_children, mlflow_ui_command,
                                 resolve_tracking_uri)
+from pipelines.tracking import tracker as tracker_module
+from pipelines.tracking.tracker import stop_on_sigterm
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 
@@ -213,6 +215,22 @@ def test_runs_end_failed_or_killed_when_the_body_stops(sqlite_uri):
     with pytest.raises(KeyboardInterrupt):
         with Tracker.start(cfg, "interrupted"):
             raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        with Tracker.start(cfg, "sigterm"):
+            sys.exit(signal.SIGTERM)  # what Ray's driver raises on `ray job stop`
+    with pytest.raises(SystemExit):
+        with Tracker.start(cfg, "exit-1"):
+            sys.exit(1)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(SystemExit):
+            with Tracker.start(cfg, "stopped"):
+                os.kill(os.getpid(), signal.SIGTERM)  # `ray job stop`
+                time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tracker_module._STOP_SIGNALLED.clear()
     done = Tracker.start(cfg, "explicit")
     done.end()
     done.log_metrics({"loss": 2.0}, step=1)  # after end: ignored, no error
@@ -223,7 +241,8 @@ def test_runs_end_failed_or_killed_when_the_body_stops(sqlite_uri):
         run.log_metrics({"loss": 3.0}, step=0)  # the refusal does not block what follows
     runs = runs_by_name(sqlite_uri, "statuses")
     assert runs.pop("refused").data.metrics == {"loss": 3.0}
-    assert {name: run.info.status for name, run in runs.items()} == {"raises": "FAILED", "interrupted": "KILLED", "explicit": "FINISHED"}
+    assert {name: run.info.status for name, run in runs.items()} == {"raises": "FAILED", "interrupted": "KILLED", "sigterm": "KILLED",
+                                                                 "exit-1": "FAILED", "stopped": "KILLED", "explicit": "FINISHED"}
     assert runs["raises"].data.tags["lofi.error"] == "ValueError: bad batch"
     assert runs["explicit"].data.metrics == {}
 
