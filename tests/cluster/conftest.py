@@ -46,6 +46,7 @@ class RayJobCluster:
     env: dict[str, str]  # the client's environment: RAY_ADDRESS, token mode and file
     dashboard: str
     tracking_uri: str
+    pause_file: Path  # written by the first training run that reaches epoch 1 (see below)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def ray(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -88,21 +89,16 @@ class RayJobCluster:
         exp = client.get_experiment_by_name(experiment)
         return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
 
-    def stop_nodes(self) -> None:
-        for proc in reversed(self.procs):  # workers first, then the head
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        # a process left behind by a node (a job's worker) dies with its process group
+    def stop_nodes(self, session_root: Path) -> None:
+        """Kill the nodes' process groups, then anything still running from their session folder
+        (Ray's workers). Not SIGTERM: `ray start --block` then drains for 30 s, for nothing here."""
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(session_root)], check=False)
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -157,9 +153,13 @@ def ray_job_cluster(tmp_path_factory):
     mlflow = _spawn([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                      "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                      "--artifacts-destination", str(root / "mlartifacts")], base, mlflow_log)
-    # 3. the nodes: the tracking server is a property of the cluster, set in the nodes' environment
+    # 3. the nodes: the tracking server is a property of the cluster, set in the nodes' environment.
+    # LOFI_TEST_PAUSE (pipelines/trainer): the first training run of the cluster to reach epoch 1
+    # writes its worker's PID to pause_file and waits there, so a test can stop its job at a known
+    # point (after exactly one checkpoint); once the file exists no run pauses.
     gcs, dashboard = free_port(), free_port()
-    node_env = {**base, **auth, "MLFLOW_TRACKING_URI": tracking_uri}
+    pause_file = root / "train.paused"
+    node_env = {**base, **auth, "MLFLOW_TRACKING_URI": tracking_uri, "LOFI_TEST_PAUSE": f"1:{pause_file}"}
     common = ["--block", "--disable-usage-stats"]
     # Ray's session folder holds UNIX sockets, whose paths must stay under 108 bytes. Each node
     # has its own (as on separate machines): nodes sharing one unpack the same job packages into
@@ -172,7 +172,8 @@ def ray_job_cluster(tmp_path_factory):
                    "--num-cpus", "2", "--object-store-memory", str(400 * 2**20), "--temp-dir", str(ray_tmp)],
                   node_env, head_log)
     cluster = RayJobCluster(root=root, env={**base, **auth, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"},
-                            dashboard=f"http://127.0.0.1:{dashboard}", tracking_uri=tracking_uri, procs=[mlflow, head])
+                            dashboard=f"http://127.0.0.1:{dashboard}", tracking_uri=tracking_uri, pause_file=pause_file,
+                            procs=[mlflow, head])
     try:
         _wait_for("the Ray head", lambda: _http_up(f"{cluster.dashboard}/api/version"), [head], [head_log])
         worker = _spawn([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", *common,
@@ -189,6 +190,6 @@ def ray_job_cluster(tmp_path_factory):
         _wait_for("the MLflow server", lambda: _http_up(f"{tracking_uri}/health"), [mlflow], [mlflow_log])
         yield cluster
     finally:
-        cluster.stop_nodes()
+        cluster.stop_nodes(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
