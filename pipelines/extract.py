@@ -51,7 +51,7 @@ from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.features import (CHUNK_COLUMNS, FEATURES_MANIFEST, META_COLUMNS, VIDEOS_PER_PART, abort_features,
                                 assemble_video, begin_features, commit_features, features_manifest, file_sha1,
-                                tensor_column, write_videos)
+                                ray_tensor_column, write_videos)
 from pipelines.storage import Location, local_file, location
 
 _READ_COLUMNS = META_COLUMNS + CHUNK_COLUMNS + ("frames",)
@@ -93,7 +93,7 @@ class EncoderActor:
         with torch.inference_mode():
             feats = self.encoder(frames, chunk_snippets=self.chunk_snippets)  # (B, D, Tc)
         feats = feats.transpose(1, 2).float().cpu().numpy()  # (B, D, Tc) -> (B, Tc, D)
-        return batch.drop_columns(["frames"]).append_column("features", tensor_column(feats))
+        return batch.drop_columns(["frames"]).append_column("features", ray_tensor_column(feats))
 
 
 # 1. inputs -----------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def file_sha1(path: str | Path) -> str:
     features are still current."""
     loc = location(str(path), "encoder.checkpoint")
     digest = hashlib.sha1()
-    with loc._errors("read"), loc.fs.open_input_stream(loc.path) as f:
+    with loc.open_input() as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -288,7 +288,7 @@ def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
 
 
-def tensor_column(values: np.ndarray) -> pa.Array:
+def ray_tensor_column(values: np.ndarray) -> pa.Array:
     """(N, ...) as Ray Data's tensor type, for columns that go through a Ray Data shuffle: with
     Arrow's canonical tensor type Ray Data's hash shuffle fails (pyarrow cannot build the empty
     array it starts from; measured with Ray 2.60, pyarrow 25)."""
@@ -314,7 +314,7 @@ def assemble_video(group: pa.Table, num_snippets: int) -> pa.Table:
         raise RuntimeError(f"video {vid}: assembled {video.shape[0]} snippets, expected {t}")
     padded = np.zeros((1, num_snippets, feats.shape[-1]), dtype=np.float32)
     padded[0, :t] = video
-    return group.slice(0, 1).select(list(META_COLUMNS)).append_column("features", tensor_column(padded))
+    return group.slice(0, 1).select(list(META_COLUMNS)).append_column("features", ray_tensor_column(padded))
 
 
 def write_videos(batch: pa.Table, folder: str, write_npy: bool) -> pa.Table:

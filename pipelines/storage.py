@@ -193,8 +193,14 @@ class Location:
         """A local folder, or an object-store prefix with at least one object under it."""
         return self.info().type == pafs.FileType.Directory
 
-    def read_bytes(self) -> bytes:
+    @contextlib.contextmanager
+    def open_input(self) -> Iterator[Any]:
+        """A binary input stream (read in blocks for large files), errors naming the key."""
         with self._errors("read"), self.fs.open_input_stream(self.path) as stream:
+            yield stream
+
+    def read_bytes(self) -> bytes:
+        with self.open_input() as stream:
             return stream.read()
 
     def read_text(self) -> str:

@@ -196,7 +196,7 @@ def test_chunks_assemble_to_the_unchunked_features_with_more_actors_than_cpus(wh
 
 
 def test_a_videos_chunks_assemble_by_snippet_start_in_whatever_order_they_arrive():
-    from pipelines.features import assemble_video, tensor_column, tensor_numpy
+    from pipelines.features import assemble_video, ray_tensor_column, tensor_numpy
 
     chunks = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 3 chunks of Tc=4 snippets, D=2
     arrival = [2, 0, 1]  # T=10: the last chunk holds 2 real snippets and 2 of padding
@@ -208,7 +208,7 @@ def test_a_videos_chunks_assemble_by_snippet_start_in_whatever_order_they_arrive
                          "segment_label": [["a"]] * n, "segment_label_id": [[0]] * n, "chunk_index": order,
                          "num_chunks": [3] * n, "snippet_start": [4 * i for i in order],
                          "num_valid_snippets": [2 if i == 2 else 4 for i in order],
-                         "features": tensor_column(chunks[order])})
+                         "features": ray_tensor_column(chunks[order])})
 
     video = assemble_video(rows(arrival), num_snippets=12)
     expected = np.zeros((1, 12, 2), dtype=np.float32)
