@@ -15,14 +15,19 @@ Schedules (LoFi, Xu et al., NeurIPS 2021, Sec. 3). A schedule maps the training 
   issue gives for the paper; the paper text was not retrievable here to re-check it). A
   ``cycle: epoch`` schedule (the paper's "long" cycle) changes level at every epoch; a
   ``cycle: batches`` schedule (the "short" cycle) changes every ``every_batches`` (16) batches.
+  An epoch of a short cycle is one pass over the training data at every level of the cycle
+  (so it has as many steps as the levels' passes together, three times a one-level epoch),
+  each level's data read only at its turns; when one level's pass ends before the others',
+  its turns go to the next level in the cycle that still has data (`position(..., done)`).
 
 Unlike multigrid training (Wu et al., 2020), which grows the mini-batch when the clip shrinks,
 LoFi keeps the batch size constant across levels, so a schedule returns levels only and the
 data loader's batch size never changes. The reduced levels are chosen so that every level fits
 the same memory budget; bigger batches at low fidelity would defeat that.
 
-Resume is exact because the level is a pure function of (epoch, global batch index): a trainer
-that saves its epoch and global batch counter in the checkpoint gets the same level sequence
+Resume is exact because the level is a pure function of (epoch, global batch index, and within a
+short cycle's epoch the levels whose pass is done): a trainer that saves its epoch and global
+batch counter in the checkpoint and resumes at an epoch's start gets the same level sequence
 after a restart. `state_dict` only records what the schedule is, so that resuming with a
 different schedule is caught instead of silently changing the sequence.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 from lofi.errors import LofiError
 
@@ -141,10 +146,18 @@ class FidelitySchedule:
             raise ValueError(f"epoch and batch_index must be >= 0, got {epoch}, {batch_index}")
         return self._cycle_levels[self.position(epoch, batch_index)]
 
-    def position(self, epoch: int, batch_index: int) -> int:
-        """Index into `levels()` of the level in use; 0 for single-level schedules."""
+    def position(self, epoch: int, batch_index: int, done: Collection[int] = ()) -> int:
+        """Index into `levels()` of the level in use; 0 for single-level schedules.
+
+        `done`: positions whose pass over the data this epoch is complete (a short cycle reads each
+        level's data once per epoch, and the levels' turns do not end together): the next level in
+        cycle order that still has data is used instead."""
+        count = len(self._cycle_levels)
         slot = epoch if self.cfg.cycle == "epoch" else batch_index // self.cfg.every_batches
-        return slot % len(self._cycle_levels)
+        for step in range(count):
+            if (slot + step) % count not in done:
+                return (slot + step) % count
+        raise ValueError(f"every level's data of epoch {epoch} is used up (done: {sorted(done)})")
 
     def levels(self) -> tuple[FidelityLevel, ...]:
         """The distinct levels the schedule uses, in cycle order (e.g. which shards to prepare)."""

@@ -158,6 +158,29 @@ def to_activitynet_entries(
     return entries
 
 
+def suppress(
+    detections: dict[str, np.ndarray],
+    method: str = "soft_nms",
+    class_aware: bool = True,
+    top_k: int = 100,
+    sigma: float = 0.5,
+    iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One video's detections (`segments_sec` (N, 2), `scores` (N,), optionally `label_ids` (N,))
+    suppressed by `method` ("soft_nms", "nms" or "none": top-k by score only), class-aware when
+    `class_aware` and labels are given -> (segments (K, 2), scores (K,), indices into the input)."""
+    if method not in ("soft_nms", "nms", "none"):
+        raise ValueError(f"method must be soft_nms, nms or none, got {method!r}")
+    labels = detections.get("label_ids") if class_aware else None
+    seg, sc = detections["segments_sec"], detections["scores"]
+    if method == "soft_nms":
+        return soft_nms(seg, sc, sigma=sigma, top_k=top_k, labels=labels)
+    if method == "nms":
+        return nms(seg, sc, iou_threshold=iou_threshold, top_k=top_k, labels=labels)
+    idx = np.argsort(-np.asarray(sc), kind="stable")[:top_k]
+    return np.asarray(seg, dtype=np.float64).reshape(-1, 2)[idx], np.asarray(sc, dtype=np.float64)[idx], idx
+
+
 def postprocess_detections(
     detections: Iterable[dict[str, np.ndarray]],
     video_ids: Sequence[str],
@@ -174,20 +197,13 @@ def postprocess_detections(
     write under "results" of an ActivityNet prediction file.
 
     `method` is "soft_nms", "nms" or "none" (top-k by score only)."""
-    if method not in ("soft_nms", "nms", "none"):
+    if method not in ("soft_nms", "nms", "none"):  # also with no video to process
         raise ValueError(f"method must be soft_nms, nms or none, got {method!r}")
     results: dict[str, list[dict[str, Any]]] = {}
     for i, (video_id, det) in enumerate(zip(video_ids, detections, strict=True)):
         label_ids = det.get("label_ids")
-        labels = label_ids if class_aware else None
-        seg, sc = det["segments_sec"], det["scores"]
-        if method == "soft_nms":
-            seg, sc, idx = soft_nms(seg, sc, sigma=sigma, top_k=top_k, labels=labels)
-        elif method == "nms":
-            seg, sc, idx = nms(seg, sc, iou_threshold=iou_threshold, top_k=top_k, labels=labels)
-        else:
-            idx = np.argsort(-np.asarray(sc), kind="stable")[:top_k]
-            seg, sc = np.asarray(seg).reshape(-1, 2)[idx], np.asarray(sc)[idx]
+        seg, sc, idx = suppress(det, method=method, class_aware=class_aware, top_k=top_k, sigma=sigma,
+                                iou_threshold=iou_threshold)
         kept_labels = None if label_ids is None else np.asarray(label_ids)[idx]
         duration = None if durations_sec is None else durations_sec[i]
         results[video_id] = to_activitynet_entries(seg, sc, kept_labels, class_names, duration)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "stage 2 (LoFi): train encoder + TAL head end to end at reduced fidelity (Ray Train)"),
     "train-head": ("pipelines.train_head", "stage 3: train the TAL head on extracted features (Ray Train)"),
     "extract": ("pipelines.extract", "run the frozen encoder over every video (Ray Data batch inference) into feature shards"),
+    "export-features": ("pipelines.export", "a features folder as npy + annotation JSON + class map for ActionFormer / OpenTAD"),
     "detect": ("pipelines.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
     "pipeline": ("pipelines.pipeline", "the whole method on your dataset as one job: prepare, stage 1, LoFi, features, "
                                        "head, detections, report"),

@@ -18,12 +18,14 @@ pipelines.storage): `run.location()` and `run.stage_location(stage)` name the ou
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lofi.errors import LofiError
-from lofi.fidelity import FidelityScheduleConfig
+from lofi.fidelity import FidelityLevel, FidelityScheduleConfig, resolve_level
 from lofi.heads import HeadConfig
 from lofi.models.encoders import EncoderConfig
 from pipelines.cluster import RayConfig
@@ -110,8 +112,23 @@ class DataSection:
     # into Ray's object store, so epochs skip reading and decoding shards; larger ones stream from the
     # shards every epoch. 0: always stream.
     cache_max_mib: float = 1024.0
+    # Fixed-stride features (extracted from a level with snippet_stride_sec, e.g. THUMOS14's long videos):
+    # `lofi train-head` and `lofi detect` run the head on windows of window_snippets snippets (the head's T),
+    # window_overlap apart (the last one aligned to the video's end) and merge a video's window detections
+    # (lofi/windows.py). 0: unset, an error for fixed-stride features; whole-video grid features ignore these.
+    window_snippets: int = 0
+    window_overlap: float = 0.5
+    # training windows that hold no ground truth: this fraction of them is kept (one seeded draw per run,
+    # run.seed); windows with ground truth are all kept, validation and detection use every window
+    window_empty_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.window_snippets < 0:
+            raise ValueError(f"window_snippets must be >= 0 (0: no windows), got {self.window_snippets}")
+        if not 0 <= self.window_overlap < 1:
+            raise ValueError(f"window_overlap must be in [0, 1) (0.5: half a window), got {self.window_overlap}")
+        if not 0 <= self.window_empty_fraction <= 1:
+            raise ValueError(f"window_empty_fraction must be in [0, 1], got {self.window_empty_fraction}")
         if self.pretrain_clip_frames < 0:
             raise ValueError(f"pretrain_clip_frames must be >= 0 (0: all frames), got {self.pretrain_clip_frames}")
         if not 0 < self.pretrain_min_crop_scale <= 1:
@@ -179,6 +196,16 @@ class DetectSection:
     soft_nms_sigma: float = 0.5
     top_k: int = 100  # detections kept per video
     protocol: Literal["anet", "thumos"] = "anet"
+    # the subset to detect on; empty: data.val_subset. Another subset writes <run>/detect/<subset>/; one whose
+    # videos carry no ground truth (e.g. ActivityNet's testing) gives a submission file and no score
+    subset: str = ""
+    # windows of fixed-stride features (data.window_snippets): each window's best this many candidates go
+    # into its video's one Soft-NMS (which makes top_k passes over all of them); 0: all
+    window_candidates: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.window_candidates < 0:
+            raise ValueError(f"window_candidates must be >= 0 (0: all), got {self.window_candidates}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +252,16 @@ class PipelineConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def head_level(self) -> FidelityLevel:
+        """The full-fidelity grid the head runs on: `data.full_level`; when that is a fixed-stride level
+        (not a grid level: THUMOS14's windows) the `full` preset's frames with T = `data.window_snippets`."""
+        try:
+            return resolve_level(self.data.full_level, self.fidelity.overrides)
+        except LofiError:
+            if not self.data.window_snippets:
+                raise
+        return dataclasses.replace(resolve_level("full", self.fidelity.overrides), num_snippets=self.data.window_snippets)
 
 
 @dataclass(frozen=True)

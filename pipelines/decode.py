@@ -54,12 +54,31 @@ def decode_batch(batch: pa.Table, *, levels: list[dict[str, Any]], options: dict
     rows: list[dict[str, Any]] = []
     for item in batch.to_pylist():
         rows.extend(decode_item(item, levels, options))
-    return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+    return staging_table(rows)
+
+
+def staging_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows of `decode_item` as a STAGING_SCHEMA table; `frames` arrays become one binary column.
+
+    The frames skip Python bytes objects (a copy each, then another into Arrow): their
+    arrays are joined once into the column's data buffer, or used as it when there is one.
+    """
+    pieces = [row.pop("frames", None) for row in rows]
+    table = pa.Table.from_pylist(rows, schema=STAGING_SCHEMA.remove(STAGING_SCHEMA.get_field_index("frames")))
+    sizes = np.array([0 if p is None else p.nbytes for p in pieces], dtype=np.int64)
+    arrays = [p.reshape(-1) for p in pieces if p is not None]
+    data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    present = [p is not None for p in pieces]
+    valid = None if all(present) else pa.array(present).buffers()[1]  # JPEG and error rows: null
+    frames = pa.Array.from_buffers(pa.large_binary(), len(rows), [valid, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return table.add_column(STAGING_SCHEMA.get_field_index("frames"), STAGING_SCHEMA.field("frames"), frames)
 
 
 def decode_item(item: dict[str, Any], levels: list[dict[str, Any]], options: dict[str, Any]) -> list[dict[str, Any]]:
     """All staging rows of one video, or one error row; never raises for a bad video."""
     start = time.perf_counter()
+    _crash_test_hook(item)
     base = {key: item[key] for key in ("video_id", "subset", "path", "duration_sec", "segment_start_sec",
                                        "segment_end_sec", "segment_label", "segment_label_id")}
     try:
@@ -157,9 +176,28 @@ def _decode_levels(item: dict[str, Any], levels: list[dict[str, Any]], options: 
         decoded[lo:lo + len(batch)] = batch[:, y0:y0 + size_px, x0:x0 + size_px]
     rows = []
     for level, index, pos in zip(levels, indices, positions):
-        frames = resize_frames(decoded[pos], level["size_px"])  # (T, F, S, S, 3)
-        rows += level_rows(level, frames, index, fps, num_frames)
+        rows += level_rows(level, level_frames(decoded, pos, level), index, fps, num_frames)
     return rows
+
+
+def level_frames(decoded: np.ndarray, pos: np.ndarray, level: dict[str, Any]) -> np.ndarray:
+    """A level's frames (T', F, S, S, 3), T' = T rounded up to whole rows, zero-padded at the end.
+
+    Gathered (and resized) straight into the padded buffer that the rows are views of: one
+    copy per level, none when a level takes every decoded frame once, in order.
+    """
+    num_snippets, per_row = pos.shape[0], level["snippets_per_row"]
+    padded = math.ceil(num_snippets / per_row) * per_row
+    same = padded == num_snippets and pos.size == len(decoded) and np.array_equal(pos.ravel(), np.arange(pos.size))
+    if same and level["size_px"] == decoded.shape[1]:
+        return decoded.reshape(*pos.shape, *decoded.shape[1:])  # (U, S, S, 3) -> (T, F, S, S, 3)
+    s = level["size_px"]
+    out = np.zeros((padded, pos.shape[1], s, s, 3), dtype=np.uint8)  # (T', F, S, S, 3)
+    if s == decoded.shape[1]:
+        np.take(decoded, pos, axis=0, out=out[:num_snippets], mode="clip")  # mode="clip": no temporary
+    else:
+        resize_frames(decoded[pos], s, out=out[:num_snippets])
+    return out
 
 
 def _validate(item: dict[str, Any], num_frames: int, fps: float, tolerance_sec: float) -> None:
@@ -173,17 +211,22 @@ def _validate(item: dict[str, Any], num_frames: int, fps: float, tolerance_sec: 
                                      f"(tolerance: duration_tolerance_sec={tolerance_sec:g})")
 
 
-def resize_frames(frames: np.ndarray, size_px: int) -> np.ndarray:
-    """(..., S0, S0, 3) uint8 -> (..., size_px, size_px, 3) with PIL's antialiased bilinear filter."""
-    if frames.shape[-2] == size_px:
+def resize_frames(frames: np.ndarray, size_px: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(..., S0, S0, 3) uint8 -> (..., size_px, size_px, 3) with PIL's antialiased bilinear filter.
+
+    `out`, a C-contiguous array of the result's shape, receives the frames (no temporary).
+    """
+    if frames.shape[-2] == size_px and out is None:
         return frames
     from PIL import Image
 
     flat = frames.reshape(-1, *frames.shape[-3:])  # (..., S0, S0, 3) -> (N, S0, S0, 3)
-    out = np.empty((len(flat), size_px, size_px, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((*frames.shape[:-3], size_px, size_px, 3), dtype=np.uint8)
+    dst = out.reshape(len(flat), size_px, size_px, 3)  # a view: out is contiguous
     for i, frame in enumerate(flat):
-        out[i] = np.asarray(Image.fromarray(frame).resize((size_px, size_px), Image.BILINEAR))
-    return out.reshape(*frames.shape[:-3], size_px, size_px, 3)  # (N, S, S, 3) -> (..., S, S, 3)
+        dst[i] = np.asarray(Image.fromarray(frame).resize((size_px, size_px), Image.BILINEAR))
+    return out
 
 
 def encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
@@ -199,27 +242,37 @@ def encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
 
 def level_rows(level: dict[str, Any], frames: np.ndarray, index: np.ndarray, fps: float,
                num_frames: int) -> list[dict[str, Any]]:
-    """Split a level's (T, F, S, S, 3) frames into rows of snippets_per_row snippets."""
-    num_snippets, per_row = frames.shape[0], level["snippets_per_row"]
+    """Split a level's frames into rows of snippets_per_row snippets.
+
+    `frames` (T', F, S, S, 3) holds whole rows, zero-padded past the video's T = len(index)
+    snippets (`level_frames`); uint8 rows keep views of it (staging_table joins them).
+    """
+    num_snippets, per_row = index.shape[0], level["snippets_per_row"]
     num_chunks = math.ceil(num_snippets / per_row)
     rows = []
     for chunk in range(num_chunks):
         lo = chunk * per_row
         valid = min(per_row, num_snippets - lo)
         pad = per_row - valid  # only the last chunk of a fixed-stride level
-        part = frames[lo:lo + valid]
-        idx = index[lo:lo + valid]
-        times = idx / fps
-        if pad:
-            part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), dtype=np.uint8)])
-            idx = np.concatenate([idx, np.full((pad, idx.shape[1]), -1, dtype=np.int64)])
-            times = np.concatenate([times, np.full((pad, times.shape[1]), np.nan)])
+        idx = np.concatenate([index[lo:lo + valid], np.full((pad, index.shape[1]), -1, dtype=np.int64)])
+        times = np.where(idx >= 0, idx / fps, np.nan)
+        part = frames[lo:lo + per_row]  # (Tc, F, S, S, 3)
         row = {"fidelity": level["name"], "fps": fps, "num_frames": num_frames, "num_snippets": num_snippets,
                "chunk_index": chunk, "num_chunks": num_chunks, "snippet_start": lo, "num_valid_snippets": valid,
                "timestamps_sec": times.ravel().tolist(), "frame_indices": idx.ravel().tolist()}
         if level["storage"] == "jpeg":
             row["frames_jpeg"] = encode_jpeg(part, level["jpeg_quality"])
         else:
-            row["frames"] = np.ascontiguousarray(part).tobytes()
+            row["frames"] = part
         rows.append(row)
     return rows
+
+
+def _crash_test_hook(item: dict[str, Any]) -> None:
+    """Test hook: kill this process by SIGSEGV, as a decoder crash would, when `lofi prepare` marked
+    the item (`crash_test`, set from LOFI_TEST_CRASH_VIDEO=<video_id> in the driver's environment):
+    no real file is known to crash decord."""
+    if item.get("crash_test"):
+        import signal
+
+        signal.raise_signal(signal.SIGSEGV)

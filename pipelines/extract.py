@@ -52,6 +52,7 @@ from pipelines.config import PipelineConfig, StageResult
 from pipelines.features import (CHUNK_COLUMNS, FEATURES_MANIFEST, META_COLUMNS, VIDEOS_PER_PART, abort_features,
                                 assemble_video, begin_features, commit_features, features_manifest, file_sha1,
                                 ray_tensor_column, write_videos)
+from pipelines.provenance import checkpoint_origin
 from pipelines.storage import Location, local_file, location
 
 _READ_COLUMNS = META_COLUMNS + CHUNK_COLUMNS + ("frames",)
@@ -236,7 +237,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
             out = commit_features(folder, target, features_manifest({
                 "encoder": {**to_dict(cfg.encoder),
                             "checkpoint": location(ckpt, "encoder.checkpoint").uri if ckpt else None,
-                            "checkpoint_sha1": file_sha1(ckpt) if ckpt else None},
+                            "checkpoint_sha1": file_sha1(ckpt) if ckpt else None, "origin": checkpoint_origin(ckpt)},
                 "shards": location(cfg.data.shards, "data.shards").uri, "level": entry["name"],
                 "level_config": {k: entry[k] for k in ("num_snippets", "snippet_stride_sec", "frames_per_snippet",
                                                        "size_px")},
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPU each with scaling.use_gpu); the workers put each video's chunks together and write one "
                     "row of (T, D) snippet features per video to <run.storage>/<run.name>/features/ (Parquet + "
                     "features_manifest.json; with extract.write_npy also npy/<video_id>.npy in the (T, D) layout "
-                    "feature-based TAL toolkits read). run.storage must be a folder every Ray node sees, or an s3:// / gs:// URI. Exits 2 "
+                    "feature-based TAL toolkits read; `lofi export-features` adds the annotation JSON and class map ActionFormer and "
+                    "OpenTAD read). run.storage must be a folder every Ray node sees, or an s3:// / gs:// URI. Exits 2 "
                     "on a config or input error.",
         epilog="Config keys used (YAML or --set): run.name, run.storage, data.shards, data.full_level, encoder.* "
                "(name, width, checkpoint, checkpoint_format, shift_div, amp_dtype), extract.batch_size (rows per "

@@ -47,6 +47,10 @@ Readers for the other stages:
         as a (B, T, D) tensor in iter_torch_batches (select numeric columns first: segments are
         ragged lists)
     read_features_manifest(dir) -> dict
+    feature_parts(dir, manifest=None) -> Iterator[Table]  one Parquet part at a time (lofi export-features)
+
+`lofi export-features` (pipelines/export.py) turns a features folder into the per-video npy files,
+annotation JSON and class map that ActionFormer and OpenTAD read.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -350,16 +354,24 @@ def feature_files(features_dir: str | Path | Location) -> list[str]:
     return [str(features_location(features_dir) / name) for name in manifest["files"]]
 
 
+def feature_parts(features_dir: str | Path | Location, manifest: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+    """The manifest's Parquet parts one at a time (rows in file order): for readers that go through
+    every video without holding all features at once (`lofi export-features`). `manifest`: the
+    folder's, when the caller has read it already."""
+    manifest = manifest or read_features_manifest(features_dir)
+    schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
+    for name in manifest["files"]:
+        loc = features_location(features_dir) / name
+        with loc._errors("read"):
+            yield pq.read_table(loc.path, schema=schema, filesystem=loc.fs)
+
+
 def read_features(features_dir: str | Path | Location, subset: str | None = None,
                   columns: Iterable[str] | None = None) -> pa.Table:
     """All (or one subset's) feature rows with plain pyarrow, sorted by video_id."""
     manifest = read_features_manifest(features_dir)
     schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
-    tables = []
-    for uri in feature_files(features_dir):
-        loc = features_location(uri)
-        with loc._errors("read"):
-            tables.append(pq.read_table(loc.path, schema=schema, filesystem=loc.fs))
+    tables = list(feature_parts(features_dir, manifest))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if subset is not None:
         _check_subset(manifest, subset, features_dir)

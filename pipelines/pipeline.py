@@ -174,7 +174,6 @@ def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> 
 
     cfg = resolve_paths(cfg)
     out: dict[str, Any] = {}
-    full = resolve_level(cfg.data.full_level, cfg.fidelity.overrides)
 
     def make(annotations: str, videos: str, output: str, levels: list[dict[str, Any]], per_part: int,
              subsets: tuple[str, ...] = ()) -> Any:
@@ -196,6 +195,7 @@ def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> 
         out["prepare"] = make(cfg.data.annotations, cfg.data.videos, cfg.data.shards, levels,
                               cfg.prepare.videos_per_part, cfg.prepare.subsets)
     if cfg.data.pretrain_annotations:
+        full = cfg.head_level()
         clip = {"name": "clip", "num_snippets": 1, "size_px": full.size_px,
                 "frames_per_snippet": max(cfg.prepare.clip_frames_per_snippet, full.frames_per_snippet)}
         out["prepare_clips"] = make(cfg.data.pretrain_annotations, cfg.data.pretrain_videos, cfg.data.pretrain_shards,

@@ -10,17 +10,22 @@ Pipeline (one pass over the videos, on the current Ray cluster):
          and commits them (see pipelines/shards.py for layout, schema and commit protocol)
 
 Per-video failures are caught inside the worker and listed in the manifest's `errors`; the
-run exits non-zero only when they exceed `max_error_fraction`. A rerun with the same output
-skips committed videos; a rerun with a different data-defining config is refused unless
-`--overwrite`. Output is a local (or shared, on multi-node clusters) folder or an object-store
-URI (s3://, gs://; pipelines.storage); the video folder may be any pyarrow filesystem URI.
+run exits non-zero only when they exceed `max_error_fraction`. A video that kills its decoding
+process (a segfault in the decoder, an OOM kill) loses its part's task: the parts' tasks run
+without Ray's retries and with `max_errored_blocks` unlimited, so the others land, and the
+lost part's videos are decoded once more, one per task: the ones that land were innocent, the
+ones that die again are listed as `decode-crash` errors (`prepare_tasks.decode_isolating_crashes`). A rerun
+with the same output skips committed videos, failed ones included; `--retry-failed` decodes
+only the videos listed in the previous manifest's errors. A rerun with a different
+data-defining config is refused unless `--overwrite`. Output is a local (or shared, on
+multi-node clusters) folder or an object-store URI (s3://, gs://; pipelines.storage); the
+video folder may be any pyarrow filesystem URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -31,21 +36,19 @@ from typing import Any, Literal
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from lofi.config import add_config_arguments, config_from_args, from_dict, to_dict
 from lofi.errors import LofiError, cli_errors
 from lofi.fidelity import PRESETS
 from pipelines import shards
-from pipelines.cluster import RayConfig, connect_ray
-from pipelines.decode import decode_batch
+from pipelines.cluster import RayConfig
+from pipelines.prepare_tasks import committed_ids, decode_isolating_crashes, forget_failures, mark_crash_test
 from pipelines.storage import Location, location, uri_problem
 
 COMPRESSIONS = ("none", "snappy", "lz4", "zstd", "gzip", "brotli")
 # Config fields that change no byte of the data (or name the output itself): a rerun may change them.
 _RUNTIME_FIELDS = ("output", "num_workers", "videos_per_part", "decode_threads", "max_error_fraction", "overwrite",
-                   "ray")
+                   "retry_failed", "ray")
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,14 @@ class PrepareConfig:
     levels: tuple[Any, ...] = ("full",)
     resize: Literal["short_side_crop", "squash"] = "short_side_crop"
     max_row_mib: float = 64.0  # rows above this are split into chunks of snippets
-    compression: str = "zstd"  # Parquet codec
+    compression: str = "zstd"  # Parquet codec of every column but uint8 `frames` (stored uncompressed: raw bytes)
     duration_tolerance_sec: float = 1.0  # a video may be this much shorter than its annotation
     num_workers: int = 2  # decode+write tasks at once (TaskPoolStrategy size)
     videos_per_part: int = 8  # videos per commit: the granularity of resuming
     decode_threads: int = 1  # decord threads per worker (0: ffmpeg's choice)
     max_error_fraction: float = 0.05  # exit non-zero when more videos than this fail
     overwrite: bool = False  # delete what a previous run wrote and start over
+    retry_failed: bool = False  # decode only the videos listed in the previous manifest's errors
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -167,6 +171,9 @@ class PrepareConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_error_fraction <= 1 or self.max_row_mib <= 0:
             raise ValueError("max_error_fraction must be in [0, 1] and max_row_mib > 0")
+        if self.overwrite and self.retry_failed:
+            raise ValueError("overwrite and retry_failed: --overwrite deletes the failures that --retry-failed would "
+                             "retry; pass one of them")
         problem = uri_problem(self.output)
         if problem:
             raise ValueError(f"output: {problem}")
@@ -286,55 +293,38 @@ def prepare_output(cfg: PrepareConfig) -> set[str]:
     else:
         record.write_json(key)
     shards.remove_uncommitted(out, [level["name"] for level in cfg.resolved_levels()])
-    return {vid for part in shards.committed_parts(out) for vid in part["video_ids"] + part["failed_ids"]}
+    return committed_ids(out)
 
 
-# 3. the Ray Data pipeline --------------------------------------------------------------------
-
-class ShardSink(Datasink):
-    """Ray Data sink: each write task writes and commits one part (see shards.PartWriter)."""
-
-    def __init__(self, out_dir: str, levels: list[dict[str, Any]], compression: str) -> None:
-        self.out_dir, self.levels, self.compression = out_dir, levels, compression
-
-    def write(self, blocks, ctx) -> dict[str, Any]:
-        writer = shards.PartWriter(self.out_dir, self.levels, self.compression)
-        for block in blocks:
-            writer.add(BlockAccessor.for_block(block).to_arrow())
-        record = writer.commit()
-        return {"part": record["part"], "ok": len(record["video_ids"]), "failed": len(record["failed_ids"])}
+def previous_errors(cfg: PrepareConfig) -> dict[str, dict[str, str]]:
+    """Video id -> error of the previous run's manifest: what --retry-failed decodes again."""
+    path = cfg.output_location() / shards.MANIFEST
+    if not path.is_file():
+        raise LofiError(f"--retry-failed: {path} does not exist, so there are no failed videos to retry; run "
+                        f"`lofi prepare` into output {cfg.output} without --retry-failed first")
+    return {error["video_id"]: error for error in path.read_json()["errors"]}
 
 
-def run_pipeline(cfg: PrepareConfig, items: list[dict[str, Any]], levels: list[dict[str, Any]]) -> None:
-    """Decode and write `items` in parts of videos_per_part, num_workers tasks at a time."""
-    connect_ray(cfg.ray)
-    num_parts = math.ceil(len(items) / cfg.videos_per_part)
-    options = {"resize": cfg.resize, "decode_threads": cfg.decode_threads,
-               "duration_tolerance_sec": cfg.duration_tolerance_sec}
-    # One block per part; map and write share the TaskPoolStrategy size so Ray fuses them
-    # into one task per part: a part's rows never leave the worker that decoded them.
-    workers = min(cfg.num_workers, num_parts)
-    strategy = ray.data.TaskPoolStrategy(size=workers)
-    ds = ray.data.from_items(items, override_num_blocks=num_parts)
-    ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", compute=strategy,
-                        fn_kwargs={"levels": levels, "options": options})
-    ds.write_datasink(ShardSink(cfg.output_location().uri, levels, cfg.compression), concurrency=workers)
-
-
-# 4. entry points -----------------------------------------------------------------------------
+# 3. entry points -----------------------------------------------------------------------------
 
 def run(cfg: PrepareConfig, verbose: bool = True) -> PrepareResult:
     """Prepare the dataset described by `cfg`; resumes a previous run into the same output."""
     start = time.perf_counter()
     videos, labels = load_videos(cfg.input)
     levels = cfg.resolved_levels()
+    retry = previous_errors(cfg) if cfg.retry_failed else None
     done = prepare_output(cfg)
-    items, list_errors = build_items(videos, labels, list_video_files(cfg.input.videos), cfg.input.videos)
-    todo = [item for item in items if item["video_id"] not in done]
     out = cfg.output_location()
+    if retry is not None:
+        forget_failures(out, set(retry))
+        done = committed_ids(out)
+    items, list_errors = build_items(videos, labels, list_video_files(cfg.input.videos), cfg.input.videos)
+    todo = [item for item in items if item["video_id"] not in done and (retry is None or item["video_id"] in retry)]
+    if retry is not None and verbose:
+        print(retry_line(retry, todo), flush=True)
     if todo:
-        run_pipeline(cfg, todo, levels)
-        shards.remove_uncommitted(out, [level["name"] for level in levels])  # e.g. from retried tasks
+        mark_crash_test(todo)
+        decode_isolating_crashes(cfg, todo, levels)
     wall = time.perf_counter() - start
     manifest = shards.build_manifest(out, {**to_dict(cfg), "levels": levels}, levels, labels, list_errors,
                                      total=len(videos), wall_time_sec=wall, processed=len(todo))
@@ -364,14 +354,23 @@ CONFIG_KEYS = """config keys (in the YAML file, or --set KEY=VALUE):
                          video, or the largest divisor of T that fits max_row_mib)
   resize                 short_side_crop (keep aspect, centre square) | squash
   max_row_mib            largest row before a video is split into chunks of snippets (default 64)
-  compression            Parquet codec: zstd (default), lz4, snappy, gzip, brotli, none
+  compression            Parquet codec: zstd (default), lz4, snappy, gzip, brotli, none (not for uint8 frames: raw bytes)
   duration_tolerance_sec how much shorter than its annotation a video may be (default 1)
   num_workers            decode+write tasks at once, one CPU each (default 2)
   videos_per_part        videos per committed part, the unit of resuming (default 8)
   decode_threads         decord threads per task (default 1; 0: ffmpeg's choice)
   max_error_fraction     exit 1 above this share of failed videos (default 0.05)
+  retry_failed           decode only the videos listed in the previous manifest's errors (--retry-failed)
   ray.address            cluster to join (default: RAY_ADDRESS, else a new local one with ray.num_cpus)
 Example: lofi prepare --config deploy/configs/prepare/demo.yaml --set num_workers=4"""
+
+
+def retry_line(retry: dict[str, dict[str, str]], todo: list[dict[str, Any]]) -> str:
+    """What --retry-failed decodes again: every failure of the previous run whose file is there."""
+    named = ", ".join(f"{item['video_id']} ({retry[item['video_id']]['stage']})" for item in todo[:20])
+    more = f" and {len(todo) - 20} more" if len(todo) > 20 else ""
+    return (f"lofi prepare --retry-failed: retrying {len(todo)} of the {len(retry)} videos that failed in the "
+            f"previous run{': ' + named + more if todo else ''} (the others have no file or are written)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete what an earlier run wrote to the output folder and start over (needed when "
                              "the config changed); without it a rerun resumes, skipping committed videos")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="decode again only the videos listed in the errors of the output's manifest (a plain "
+                             "rerun skips failed videos); committed parts are kept, the manifest updated")
     parser.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
     return parser
 
@@ -396,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.overwrite:
         args.overrides.append("overwrite=true")
+    if args.retry_failed:
+        args.overrides.append("retry_failed=true")
     cfg = config_from_args(PrepareConfig, args)
     if args.quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False

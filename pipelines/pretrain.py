@@ -59,6 +59,7 @@ from pipelines.batches import (CLIP_COLUMNS, numpy_batch, read_video_labels, sni
                                tensor_column)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.provenance import origin_file
 from pipelines.storage import local_file
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
                                fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
@@ -278,7 +279,9 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         classes = {"classes": names, "train_clips_per_class": dict(zip(names, counts)), "shards": source.shards,
                    "level": source.level}
         artifacts = write_outputs(out_dir, {"encoder": ("encoder.pt", torch_bytes(encoder_state(state["model"]))),
-                                            "classes": ("classes.json", json.dumps(classes, indent=1).encode())},
+                                            "classes": ("classes.json", json.dumps(classes, indent=1).encode()),
+                                            "encoder_origin": origin_file(cfg.encoder.checkpoint,
+                                                                          cfg.data.pretrain_shards or None)},
                                   tracker)
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)

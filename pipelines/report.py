@@ -32,7 +32,7 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
     """
     import torch
 
-    from lofi.fidelity import FidelitySchedule, resolve_level
+    from lofi.fidelity import FidelitySchedule
     from lofi.heads import build_head, head_loss
     from lofi.memory import measure_head, synthetic_targets
     from lofi.memory_cli import PlanMemoryConfig, run as plan
@@ -41,7 +41,7 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
 
     manifest = read_features_manifest(next(iter(branches.values()))["extract"].result.out_dir)
     dim, num_classes = manifest["feature_dim"], len(manifest["labels"])
-    full = resolve_level(cfg.data.full_level, cfg.fidelity.overrides)
+    full = cfg.head_level()
     head_batch = cfg.train_head.per_worker_batch(cfg.scaling.num_workers)
     head = build_head(cfg.head, dim, full.num_snippets, num_classes)
     targets = synthetic_targets(head_batch, full.num_snippets, cfg.head.resolved_max_duration(full.num_snippets),

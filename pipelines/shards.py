@@ -33,19 +33,24 @@ same schema; the schema metadata holds `lofi.schema_version` and the level as JS
     timestamps_sec                        tensor float64 (Tc, F): times of the frames sampled
                                                    (frame index / fps); NaN in padding
     frame_indices                         tensor int64 (Tc, F); -1 in padding
-    frames                                tensor uint8 (Tc, F, S, S, 3), RGB, channels last
+    frames                                fixed_size_binary: the row's uint8 (Tc, F, S, S, 3)
+                                                   RGB channels-last array in C order; the field
+                                                   metadata `lofi.shape` holds [Tc, F, S, S, 3]
       or frames_jpeg                      list<binary> of Tc * F JPEG images in (t, f) order
     segment_start_sec, segment_end_sec    list<float64>  the video's ground-truth segments
     segment_label, segment_label_id       list<string>, list<int32> (ids index manifest "labels")
 
-Tensors use Arrow's canonical fixed-shape tensor extension type (`arrow.fixed_shape_tensor`),
-so plain pyarrow reads them without Ray (`read_level_table`, then `frames_array` for
-(N, Tc, F, S, S, 3) uint8 from either storage); `read_level_dataset` gives training a Ray
-Dataset of the numeric columns (JPEG decoded on read) for `iter_torch_batches`. Tc =
-`snippets_per_row` (in the manifest per level): the whole video when its frames fit
-`max_row_mib`, else the largest divisor of T that does (fixed-length levels; 32 snippets for
-fixed-stride ones), so rows stay well under Ray's 128 MiB blocks. Frames are written with
-BYTE_STREAM_SPLIT encoding (see `parquet_options`).
+Why bytes (schema version 2; version 1 stored Arrow's `arrow.fixed_shape_tensor`): Parquet
+has no 8-bit type, so a uint8 tensor became 4-byte INT32 values, whose widening and compression
+cost ~30% of decode time. `frames` is written PLAIN, uncompressed, without dictionary or
+statistics: writing it is a copy. `read_level_table` (plain pyarrow) and `read_level_dataset`
+(Ray Data, for `iter_torch_batches`) hand `frames` out as `arrow.fixed_shape_tensor` uint8
+(Tc, F, S, S, 3) without copying (`with_frames_tensor`); `frames_array` gives (N, Tc, F, S, S,
+3) uint8 from any storage (docs/architecture.md "Shards": with pyarrow alone). Tc =
+`snippets_per_row` (manifest, per level): the whole video when its frames fit `max_row_mib`,
+else the largest divisor of T that does (32 snippets for fixed-stride levels), so rows stay
+well under Ray's 128 MiB blocks. Readers and a resuming `lofi prepare` refuse a folder of
+another schema version, naming the fix (`lofi prepare --overwrite`).
 """
 
 from __future__ import annotations
@@ -67,11 +72,12 @@ import pyarrow.parquet as pq
 from lofi.errors import LofiError
 from pipelines.storage import Location, location, read_parquet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: frames stored as fixed_size_binary (1: uint8 tensor as Parquet INT32)
 MANIFEST = "manifest.json"
 CONFIG_RECORD = "prepare_config.json"
 PARTS_DIR = "_parts"
 TMP_DIR = ".tmp"
+SHAPE_KEY = b"lofi.shape"  # field metadata of the stored `frames`: the row's tensor shape as JSON
 # Fixed-shape numeric columns: what `iter_torch_batches` can stack into tensors.
 NUMERIC_COLUMNS = ("frames", "timestamps_sec", "frame_indices", "duration_sec", "fps", "num_snippets",
                    "chunk_index", "snippet_start", "num_valid_snippets")
@@ -96,17 +102,24 @@ _SEGMENT_COLUMNS = ("segment_start_sec", "segment_end_sec", "segment_label", "se
 
 def level_schema(level: dict[str, Any]) -> pa.Schema:
     """The Parquet schema of one level; `level` is a resolved level as a dict (see prepare)."""
-    rows, frames, size = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
+    rows, frames = level["snippets_per_row"], level["frames_per_snippet"]
     fields = [STAGING_SCHEMA.field(name) for name in _META_COLUMNS]
     fields += [pa.field("timestamps_sec", pa.fixed_shape_tensor(pa.float64(), [rows, frames])),
                pa.field("frame_indices", pa.fixed_shape_tensor(pa.int64(), [rows, frames]))]
     if level["storage"] == "uint8":
-        fields.append(pa.field("frames", pa.fixed_shape_tensor(pa.uint8(), [rows, frames, size, size, 3])))
+        shape = frames_shape(level)
+        shape_meta = {SHAPE_KEY: json.dumps(shape).encode()}
+        fields.append(pa.field("frames", pa.binary(int(np.prod(shape))), metadata=shape_meta))
     else:
         fields.append(pa.field("frames_jpeg", pa.list_(pa.binary())))
     fields += [STAGING_SCHEMA.field(name) for name in _SEGMENT_COLUMNS]
     meta = {b"lofi.schema_version": str(SCHEMA_VERSION).encode(), b"lofi.level": json.dumps(level).encode()}
     return pa.schema(fields, metadata=meta)
+
+
+def frames_shape(level: dict[str, Any]) -> list[int]:
+    """[Tc, F, S, S, 3]: the shape of one row's frames at `level`."""
+    return [level["snippets_per_row"], level["frames_per_snippet"], level["size_px"], level["size_px"], 3]
 
 
 def _tensor(values: np.ndarray, shape: list[int], dtype: pa.DataType) -> pa.ExtensionArray:
@@ -135,27 +148,30 @@ def staging_to_level(rows: pa.Table, level: dict[str, Any]) -> pa.Table:
     columns["frame_indices"] = _tensor(indices, [tc, f], pa.int64())
     if level["storage"] == "uint8":
         pixels = _binary_values(rows.column("frames").combine_chunks())
-        if pixels.size != n * tc * f * s * s * 3:
+        width = tc * f * s * s * 3
+        if pixels.size != n * width:
             raise ValueError(f"level {level['name']}: frame payload of {pixels.size} bytes does not match {n} rows")
-        columns["frames"] = _tensor(pixels, [tc, f, s, s, 3], pa.uint8())
+        # the staging bytes become the column's data buffer as they are (no copy)
+        columns["frames"] = pa.Array.from_buffers(pa.binary(width), n, [None, pa.py_buffer(pixels)])
     else:
         columns["frames_jpeg"] = rows.column("frames_jpeg")
     return pa.table([columns[name] for name in schema.names], schema=schema)
 
 
-def parquet_options(level: dict[str, Any], compression: str) -> dict[str, Any]:
-    """Writer options for a level's shards.
-
-    Parquet has no 8-bit type: a uint8 tensor is a repeated INT32 leaf, 4 bytes a pixel
-    before compression. BYTE_STREAM_SPLIT puts the three zero bytes of every value in their
-    own streams, which compress to nothing: files shrink ~2x under zstd and write faster.
-    No dictionaries or statistics on the tensors: pixels gain nothing from either. Version 2
-    data pages keep the repetition levels out of the compressor (~5% less CPU to write).
+def parquet_options(schema: pa.Schema, compression: str) -> dict[str, Any]:
+    """Writer options for a level's shards: `compression` for every column but `frames`, which is
+    written PLAIN with no compression, dictionary or statistics (pixels gain little from them and
+    each costs a pass over every byte). Version 2 data pages keep repetition levels uncompressed.
     """
-    options: dict[str, Any] = {"compression": compression, "use_dictionary": False, "data_page_version": "2.0",
+    # per-column compression names Parquet leaf paths: a list or tensor column's values are at "<name>.list.element"
+    lists = _SEGMENT_COLUMNS + ("timestamps_sec", "frame_indices", "frames_jpeg")
+    leaves = {name: f"{name}.list.element" if name in lists else name for name in schema.names}
+    codecs = {leaf: compression for name, leaf in leaves.items() if name != "frames"}
+    options: dict[str, Any] = {"compression": {**codecs, "frames": "none"} if "frames" in leaves else codecs,
+                               "use_dictionary": False, "data_page_version": "2.0",
                                "write_statistics": list(_META_COLUMNS)}
-    if level["storage"] == "uint8":
-        options["column_encoding"] = {"frames.list.element": "BYTE_STREAM_SPLIT"}
+    if "frames" in leaves:
+        options["column_encoding"] = {"frames": "PLAIN"}
     return options
 
 
@@ -194,18 +210,20 @@ class PartWriter:
 
     def add(self, staging: pa.Table) -> None:
         """Append a block of staging rows; rows of one video must all come in one part."""
-        failed = staging.filter(pa.compute.is_valid(staging.column("error")))
-        for row in failed.select(["video_id", "path", "stage", "error"]).to_pylist():
-            self.errors.append(row)
-        ok = staging.filter(pa.compute.is_null(staging.column("error")))
-        self.decode_sec += float(pa.compute.sum(staging.column("decode_sec")).as_py() or 0.0)
-        for name in set(ok.column("fidelity").to_pylist()):
-            rows = ok.filter(pa.compute.equal(ok.column("fidelity"), name))
+        pc = pa.compute
+        ok = pc.is_null(staging.column("error"))
+        meta = staging.select(["video_id", "path", "stage", "error", "fidelity"])  # no frames: filters stay cheap
+        self.errors += meta.filter(pc.invert(ok)).drop_columns(["fidelity"]).to_pylist()
+        self.decode_sec += float(pc.sum(staging.column("decode_sec")).as_py() or 0.0)
+        for name in set(meta.filter(ok).column("fidelity").to_pylist()):
+            mask = pc.and_(ok, pc.fill_null(pc.equal(staging.column("fidelity"), name), False))
+            # one level and no failures (the common block): its frames go to the writer uncopied
+            rows = staging if pc.all(mask).as_py() else staging.filter(mask)
             table = staging_to_level(rows, self.levels[name])
             if name not in self.writers:
                 self.tmp.mkdir(parents=True, exist_ok=True)
                 self.writers[name] = pq.ParquetWriter(self.tmp / f"{name}.parquet", table.schema,
-                                                      **parquet_options(self.levels[name], self.compression))
+                                                      **parquet_options(table.schema, self.compression))
             self.writers[name].write_table(table)
             self.rows[name] += table.num_rows
             valid = pa.compute.sum(table.column("num_valid_snippets")).as_py()
@@ -228,8 +246,9 @@ class PartWriter:
                                        "its rows were split across write tasks (decode and write not fused)")
         name = part_name(sorted(self.ok_ids) + failed_ids)
         record_path = self.out / PARTS_DIR / f"{name}.json"
-        record: dict[str, Any] = {"part": name, "video_ids": sorted(self.ok_ids), "failed_ids": failed_ids,
-                                  "errors": self.errors, "decode_sec": self.decode_sec, "levels": {}}
+        record: dict[str, Any] = {"part": name, "schema_version": SCHEMA_VERSION, "video_ids": sorted(self.ok_ids),
+                                  "failed_ids": failed_ids, "errors": self.errors, "decode_sec": self.decode_sec,
+                                  "levels": {}}
         try:
             if record_path.exists():  # a retried task: the first attempt already committed this part
                 return record_path.read_json()
@@ -249,8 +268,22 @@ class PartWriter:
 
 
 def committed_parts(out_dir: str | Path | Location) -> list[dict[str, Any]]:
-    """Records of the parts that finished writing, sorted by part name."""
-    return [part.read_json() for part in (shards_location(out_dir) / PARTS_DIR).files("part-*.json")]
+    """Records of the parts that finished writing, sorted by part name; refuses older layouts.
+
+    A resumed run must not add parts of this layout to a level of another (one level, one
+    schema); records before version 2 carry no version.
+    """
+    parts = [part.read_json() for part in (shards_location(out_dir) / PARTS_DIR).files("part-*.json")]
+    for part in parts:
+        _check_version(part.get("schema_version", 1), shards_location(out_dir) / PARTS_DIR / f"{part['part']}.json")
+    return parts
+
+
+def _check_version(version: Any, path: Location) -> None:
+    if version != SCHEMA_VERSION:
+        raise LofiError(f"{path}: shards of schema version {version}; this lofi reads and writes version "
+                        f"{SCHEMA_VERSION} (frames as fixed-size binary since version 2): rerun `lofi prepare "
+                        "--overwrite` with the same config to rewrite the folder")
 
 
 def remove_uncommitted(out_dir: str | Path | Location, level_names: Iterable[str]) -> int:
@@ -278,7 +311,9 @@ def read_manifest(out_dir: str | Path | Location) -> dict[str, Any]:
     path = shards_location(out_dir) / MANIFEST
     if not path.is_file():
         raise LofiError(f"{path} does not exist: run `lofi prepare` with output {out_dir} to completion first")
-    return path.read_json()
+    manifest = path.read_json()
+    _check_version(manifest.get("schema_version"), path)
+    return manifest
 
 
 def level_files(out_dir: str | Path | Location, level: str) -> tuple[dict[str, Any], list[str]]:
@@ -294,18 +329,39 @@ def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None 
     """All rows of one level with plain pyarrow (no Ray), sorted by video id and chunk."""
     entry, files = level_files(out_dir, level)
     if not files:
-        empty = level_schema(entry).empty_table()
+        empty = with_frames_tensor(level_schema(entry).empty_table())
         return empty if columns is None else empty.select(columns)
     need = None if columns is None else sorted(set(columns) | {"video_id", "chunk_index"})
     table = pa.concat_tables([read_parquet(f, columns=need) for f in files])
-    table = table.sort_by([("video_id", "ascending"), ("chunk_index", "ascending")])
+    table = with_frames_tensor(table.sort_by([("video_id", "ascending"), ("chunk_index", "ascending")]))
     return table if columns is None else table.select(columns)
 
 
+def with_frames_tensor(table: pa.Table, shape: list[int] | None = None) -> pa.Table:
+    """`table` with stored (fixed-size binary) `frames` as a uint8 fixed-shape tensor column, uncopied.
+
+    `shape` defaults to the field's `lofi.shape` metadata; tables without stored frames
+    (JPEG levels, frames already tensors, frames not selected) come back as they are.
+    """
+    if "frames" not in table.column_names or not pa.types.is_fixed_size_binary(table.schema.field("frames").type):
+        return table
+    field = table.schema.field("frames")
+    shape = shape or json.loads(field.metadata[SHAPE_KEY])
+    tensor_type = pa.fixed_shape_tensor(pa.uint8(), shape)
+    chunks = []
+    for chunk in table.column("frames").chunks:
+        width = chunk.type.byte_width
+        values = pa.Array.from_buffers(pa.uint8(), len(chunk) * width, [None, chunk.buffers()[1]],
+                                       offset=chunk.offset * width)
+        chunks.append(pa.ExtensionArray.from_storage(tensor_type, pa.FixedSizeListArray.from_arrays(values, width)))
+    column = pa.chunked_array(chunks, type=tensor_type)
+    return table.set_column(table.schema.get_field_index("frames"), pa.field("frames", tensor_type), column)
+
+
 def frames_array(table: pa.Table) -> np.ndarray:
-    """Frames (N, Tc, F, S, S, 3) uint8 of a level table, decoding JPEG storage if needed."""
+    """Frames (N, Tc, F, S, S, 3) uint8 of a level table (stored, tensor or JPEG frames)."""
     if "frames" in table.column_names:
-        return table.column("frames").combine_chunks().to_numpy_ndarray()
+        return with_frames_tensor(table).column("frames").combine_chunks().to_numpy_ndarray()
     level = json.loads(table.schema.metadata[b"lofi.level"])
     rows = [decode_jpeg_row(images, level) for images in table.column("frames_jpeg").to_pylist()]
     shape = (0, level["snippets_per_row"], level["frames_per_snippet"], level["size_px"], level["size_px"], 3)
@@ -332,10 +388,16 @@ def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...]
     entry, files = level_files(out_dir, level)
     if not files:
         raise LofiError(f"{out_dir}: level {level!r} has no rows (every video failed?); see errors in the manifest")
-    ds = ray.data.read_parquet(files)
     if entry["storage"] == "jpeg":
+        ds = ray.data.read_parquet(files)
         ds = ds.map_batches(_decode_jpeg_batch, fn_kwargs={"level": entry}, batch_format="pyarrow")
-    return ds if columns is None else ds.select_columns(list(columns))
+        return ds if columns is None else ds.select_columns(list(columns))
+    ds = ray.data.read_parquet(files, columns=None if columns is None else list(columns))
+    if columns is None or "frames" in columns:
+        # whole blocks (batch_size=None): a batch of rows would concatenate, i.e. copy, the frames
+        ds = ds.map_batches(with_frames_tensor, fn_kwargs={"shape": frames_shape(entry)}, batch_format="pyarrow",
+                            batch_size=None)
+    return ds
 
 
 def _decode_jpeg_batch(batch: pa.Table, level: dict[str, Any]) -> pa.Table:

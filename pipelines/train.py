@@ -2,8 +2,10 @@
 
 Every batch is read at the fidelity level the schedule picks (`fidelity` section:
 full / s_lofi / t_lofi / st_lofi, or c_lofi cycling S -> T -> ST per epoch or every
-`every_batches` batches; `lofi.fidelity`). Each level is read from the `lofi prepare` shards
-of the same name, which must have the schedule level's T, F and S and whole videos per row.
+`every_batches` batches; `lofi.fidelity`). A short cycle's epoch is one pass at every level,
+each level's split read only at its turns (metrics `rows_read_<level>`). Each level is read
+from the `lofi prepare` shards of the same name, which must have the schedule level's T, F and
+S and whole videos per row.
 The batch size is the same at every level (LoFi keeps the mini-batch, not the memory, fixed).
 
 The model (`TALModel`): encoder frames (B, T, F, S, S, 3) uint8 -> features (B, D, T) ->
@@ -58,6 +60,7 @@ from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.detect import detection_entries, score_in_memory
 from pipelines.pretrain import encoder_state
+from pipelines.provenance import origin_file
 from pipelines.step_memory import activation_memory_by_level, stage2_encoder_config
 from pipelines.storage import local_file
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
@@ -205,13 +208,21 @@ class TrainLoop:
             for batch in ctx.batches(f"train/{self.epoch_level.name}", epoch, train=True):
                 yield self.epoch_level, batch
             return
-        # A short cycle switches level every few batches: every level is read in lockstep (the
-        # same number of batches each) and the schedule picks which batch is trained on.
-        streams = [ctx.batches(f"train/{level.name}", epoch, train=True) for level in levels]
-        for offset, group in enumerate(zip(*streams)):
-            position = self.schedule.position(epoch, global_batch + offset)
+        # A short cycle switches level every few batches. Each level's split is advanced only at its
+        # turns, so no row is read that is not trained on, and the epoch ends when every level's
+        # pass is done. DDP: a level's split has the same number of rows on every worker (the
+        # equal split), so every worker finds it used up, and switches level, at the same step.
+        streams = [iter(ctx.batches(f"train/{level.name}", epoch, train=True)) for level in levels]
+        done: set[int] = set()
+        while len(done) < len(levels):
+            position = self.schedule.position(epoch, global_batch, done)
+            batch = next(streams[position], None)
+            if batch is None:
+                done.add(position)
+                continue
             self.epoch_level = levels[position]
-            yield self.epoch_level, group[position]
+            global_batch += 1
+            yield self.epoch_level, batch
 
     def step(self, ctx: WorkerContext, model: nn.Module, batch: Any, epoch: int) -> StepOutput:
         level, data = batch
@@ -313,7 +324,7 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
-    """encoder.pt, model.pt and model.json of the final state, as {name: (file name, bytes)}."""
+    """encoder.pt, model.pt, model.json and encoder_origin.json of the final state, as {name: (file name, bytes)}."""
     model = state["model"]
     model_config = {
         "encoder": to_dict(dataclasses.replace(cfg.encoder, checkpoint=None)), "head": to_dict(cfg.head),
@@ -321,7 +332,8 @@ def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any
         "labels": plan["manifest"]["labels"], "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
     }
     return {"encoder": ("encoder.pt", torch_bytes(encoder_state(model))), "model": ("model.pt", torch_bytes(model)),
-            "model_config": ("model.json", json.dumps(model_config, indent=1).encode())}
+            "model_config": ("model.json", json.dumps(model_config, indent=1).encode()),
+            "encoder_origin": origin_file(cfg.encoder.checkpoint)}
 
 
 def _log_encoder(tracker: Any, cfg: PipelineConfig, weights: dict[str, torch.Tensor],

@@ -2,9 +2,12 @@
 
 Reads the feature shards `lofi extract` wrote under `<run>/features/` (pipelines/features.py:
 one row per video, features (T, D) float32) as Ray Datasets, the `data.train_subset` videos
-for training and the `data.val_subset` ones for validation. The features must lie on a fixed
-grid (every video the same T, `fixed_grid` in the features manifest): the head is built for
-that T and the features' D, with one class per label of the manifest.
+for training and the `data.val_subset` ones for validation. On a fixed grid (every video the same
+T, `fixed_grid` in the features manifest) the head is built for that T and the features' D, with
+one class per label of the manifest. Fixed-stride features (every video its own T, e.g. THUMOS14)
+are cut into windows of `data.window_snippets` snippets, which the head's grid is then built for
+and which stand in for the videos in training and in the validation loss; the validation mAP
+scores each video's window detections merged back into video time (pipelines/feature_windows.py).
 
 Trained by the shared harness (pipelines/trainer.py) with the `train_head` section (AdamW,
 lr 1e-3 by default); the loss of a batch is the mean of per-video head losses. Each epoch
@@ -14,7 +17,8 @@ reports the validation loss and the validation detection mAP: decoded detections
 at the `detect.protocol` tIoU thresholds.
 
 Writes `<run>/head/model.pt` (the head's state dict, as `lofi.heads.build_head` names it) and
-`model.json` (head config, num_snippets, feature_dim, num_classes, labels) to rebuild it.
+`model.json` (head config, num_snippets, feature_dim, num_classes, labels, and the windows: W,
+overlap, stride, or null) to rebuild it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import argparse
 import dataclasses
 import json
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch.distributed as dist
@@ -38,6 +42,8 @@ from pipelines.batches import (VIDEO_INDEX, VideoLabel, add_video_index, batch_t
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.extract import features_location
+from pipelines.feature_windows import (WINDOW_COLUMNS, Window, cut_windows, plan_windows, stride_sec, training_windows,
+                                       uses_windows, video_entries, window_labels, window_problems, windows_by_video)
 from pipelines.features import feature_files, features_dataset, read_features, read_features_manifest
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
                                fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
@@ -53,14 +59,11 @@ def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     folder = features_location(cfg)
     manifest = read_features_manifest(folder)
     counts = manifest["counts"]["per_subset"]
-    problems = []
-    if not manifest.get("fixed_grid", True):
-        problems.append(f"{folder}: features of level {manifest.get('level')!r} have a fixed stride (videos differ "
-                        "in T); the head needs one grid: extract from a level with num_snippets (data.full_level)")
+    problems = window_problems(cfg.data, manifest, folder)
     if not counts.get(cfg.data.train_subset):
         problems.append(f"{folder}: no features of subset {cfg.data.train_subset!r} (subsets: {counts}); "
                         "set data.train_subset")
-    elif counts[cfg.data.train_subset] < cfg.train_head.batch_size:
+    elif not uses_windows(manifest) and counts[cfg.data.train_subset] < cfg.train_head.batch_size:
         problems.append(f"{folder}: {counts[cfg.data.train_subset]} training videos, fewer than "
                         f"train_head.batch_size={cfg.train_head.batch_size}; lower it")
     if not manifest.get("labels"):
@@ -144,10 +147,14 @@ class HeadLoop:
         return rows
 
     def _map(self, ctx: WorkerContext, rows: list[tuple]) -> dict[str, float]:
+        return self._score(ctx, rows, self.labels.values())
+
+    def _score(self, ctx: WorkerContext, rows: list[tuple], videos: Iterable[VideoLabel]) -> dict[str, float]:
+        """mAP of detection rows (video_id, start, end, score, class name) against the videos' ground truth."""
         from lofi.annotations import AnnotationSet, Detections, LabelVocab, Segment, Video
         from lofi.evaluation import PROTOCOLS, evaluate_detection
 
-        val = [v for v in self.labels.values() if v.subset == ctx.cfg.data.val_subset]
+        val = [v for v in videos if v.subset == ctx.cfg.data.val_subset]
         if not any(v.segments_sec for v in val):
             return {}
         truth = AnnotationSet(tuple(Video(v.video_id, v.subset, v.duration_sec, segments=tuple(
@@ -172,6 +179,29 @@ class HeadLoop:
                             f"D={self.feature_dim}); use a new run.name or re-extract")
 
 
+class WindowHeadLoop(HeadLoop):
+    """Stage 3 on windows of fixed-stride features: `labels` are the windows' (keyed by window
+    index, which the rows carry as video_index), so training and the validation loss are
+    HeadLoop's; validation detections are merged per video and scored against the videos'."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.videos = [VideoLabel(**v) for v in config["videos"]]
+        self.windows = {int(i): Window(**w) for i, w in config["windows"].items()}
+
+    def _detections(self, ctx: WorkerContext, out: Any, indices: list[int]) -> list[tuple]:
+        decoded = decode_detections(out, [self.labels[i].duration_sec for i in indices], ctx.cfg.head.top_k_classes)
+        return list(zip(indices, decoded))  # window-relative: merged per video once all workers' are gathered
+
+    def _map(self, ctx: WorkerContext, rows: list[tuple]) -> dict[str, float]:
+        durations = {v.video_id: v.duration_sec for v in self.videos}
+        entries = video_entries([(self.windows[i], det) for i, det in rows], durations, self.class_names,
+                                ctx.cfg.detect)
+        flat = [(vid, e["segment"][0], e["segment"][1], e["score"], e["label"])
+                for vid, video in entries.items() for e in video]
+        return self._score(ctx, flat, self.videos)
+
+
 def _gather(rows: list[tuple]) -> list[tuple]:
     """Every worker's detection rows, on every worker (their validation splits differ)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -182,7 +212,57 @@ def _gather(rows: list[tuple]) -> list[tuple]:
 
 
 def _loop(config: dict[str, Any]) -> None:
-    worker_loop(HeadLoop(config), config)
+    worker_loop(WindowHeadLoop(config) if "windows" in config else HeadLoop(config), config)
+
+
+def window_rows(cfg: PipelineConfig, manifest: dict[str, Any], subset: str,
+                windows: dict[str, list[tuple[int, int]]]) -> Any:
+    """Ray Dataset of one subset's planned windows (B, W, D), video_index (= window index) and duration_sec."""
+    width, dim = cfg.data.window_snippets, manifest["feature_dim"]
+    kwargs = {"windows": windows, "window_snippets": width, "window_sec": width * stride_sec(manifest)}
+    num_windows = sum(map(len, windows.values()))
+    num_bytes = (manifest["counts"]["per_subset"][subset] * manifest["num_snippets"] + num_windows * width) * dim * 4
+    if fits_in_memory(cfg, num_bytes):  # the subset's padded videos and their windows, both on the driver
+        table = read_features(features_location(cfg), subset, columns=["video_id", "num_snippets", "features"])
+        return table_dataset(cut_windows(table, **kwargs))
+    ds = features_dataset(features_location(cfg), subset, columns=["video_id", "num_snippets", "features"])
+    return ds.map_batches(cut_windows, batch_format="pyarrow", fn_kwargs=kwargs).select_columns(list(WINDOW_COLUMNS))
+
+
+def plan_stage(cfg: PipelineConfig, manifest: dict[str, Any], by_index: dict[int, VideoLabel],
+               has_val: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(loop config, dataset plan) of stage 3: whole videos on a grid, or windows of fixed-stride
+    features. The plan maps dataset names to the windows (video_id -> [(window index, start)]) to cut,
+    or to None for whole-video rows."""
+    loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": manifest["labels"],
+            "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"], "has_val": has_val}
+    subsets = {"train": cfg.data.train_subset} | ({"val": cfg.data.val_subset} if has_val else {})
+    if not uses_windows(manifest):
+        return loop, {name: None for name in subsets}
+    stride, width = stride_sec(manifest), cfg.data.window_snippets
+    windows = plan_windows({v.video_id: v.duration_sec for v in by_index.values()}, cfg.data, stride)
+    labels = window_labels(windows, by_index, width, stride)
+    chosen = {"train": training_windows(labels, cfg.data.train_subset, cfg.data.window_empty_fraction, cfg.run.seed)}
+    if has_val:
+        chosen["val"] = [i for i, w in labels.items() if w.subset == cfg.data.val_subset]
+    if len(chosen["train"]) < cfg.train_head.batch_size:
+        raise LofiError(f"{len(chosen['train'])} training windows of data.window_snippets={width} (those with ground "
+                        f"truth and a data.window_empty_fraction={cfg.data.window_empty_fraction} of the others), "
+                        f"fewer than train_head.batch_size={cfg.train_head.batch_size}; lower it")
+    used = set(chosen["train"]) | set(chosen.get("val", []))
+    loop |= {"labels": {i: dataclasses.asdict(labels[i]) for i in sorted(used)}, "num_snippets": width,
+             "videos": [dataclasses.asdict(v) for v in by_index.values() if v.subset == cfg.data.val_subset],
+             "windows": {i: dataclasses.asdict(windows[i]) for i in chosen.get("val", [])}}
+    return loop, {name: windows_by_video(windows, chosen[name]) for name in subsets}
+
+
+def windows_record(cfg: PipelineConfig, manifest: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
+    """What model.json records of the windows the head was trained on (None: whole videos)."""
+    if not uses_windows(manifest):
+        return None
+    return {"window_snippets": cfg.data.window_snippets, "window_overlap": cfg.data.window_overlap,
+            "snippet_stride_sec": stride_sec(manifest),
+            **{f"{name}_windows": sum(map(len, plan[name].values())) for name in plan}}
 
 
 def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
@@ -191,22 +271,22 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
     manifest = check_inputs(cfg)
     index, by_index = index_videos(read_video_labels(feature_files(features_location(cfg))))
     has_val = bool(manifest["counts"]["per_subset"].get(cfg.data.val_subset))
-    loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": manifest["labels"],
-            "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"], "has_val": has_val}
+    loop, plan = plan_stage(cfg, manifest, by_index, has_val)
     connect_ray(cfg.ray)
     out_dir = cfg.run.location() / "head"
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
-        datasets = {"train": feature_rows(cfg, manifest, cfg.data.train_subset, index)}
-        if has_val:
-            datasets["val"] = feature_rows(cfg, manifest, cfg.data.val_subset, index)
+        subsets = {"train": cfg.data.train_subset, "val": cfg.data.val_subset}
+        datasets = {name: feature_rows(cfg, manifest, subsets[name], index) if windows is None else
+                    window_rows(cfg, manifest, subsets[name], windows) for name, windows in plan.items()}
         result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
         state = final_state(result)
         history = epoch_history(result, state)
         log_training(tracker, history)
-        model_config = {"head": to_dict(cfg.head), "num_snippets": manifest["num_snippets"],
+        model_config = {"head": to_dict(cfg.head), "num_snippets": loop["num_snippets"],
                         "feature_dim": manifest["feature_dim"], "num_classes": len(manifest["labels"]),
-                        "labels": manifest["labels"], "features": str(features_location(cfg))}
+                        "labels": manifest["labels"], "features": str(features_location(cfg)),
+                        "windows": windows_record(cfg, manifest, plan)}
         artifacts = write_outputs(out_dir, {"model": ("model.pt", torch_bytes(state["model"])),
                                             "model_config": ("model.json", json.dumps(model_config, indent=1).encode())},
                                   tracker)
@@ -220,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage 3: train the TAL head from scratch on the features `lofi extract` wrote under "
                     "<run.storage>/<run.name>/features/, with Ray Train (DDP over scaling.num_workers workers, a "
                     "checkpoint every epoch, resume by run.name). Reports validation loss and detection mAP every "
-                    "epoch. Writes <run.storage>/<run.name>/head/model.pt (head state dict) and model.json.",
+                    "epoch. Features of a fixed-stride level are cut into overlapping windows of data.window_snippets "
+                    "snippets. Writes <run.storage>/<run.name>/head/model.pt (head state dict) and model.json.",
         epilog="Config keys used (YAML or --set): run.name and run.storage (where the features are and the head "
-               "goes), run.seed, run.max_failures, run.deterministic; data.train_subset, data.val_subset; head.* "
+               "goes), run.seed, run.max_failures, run.deterministic; data.train_subset, data.val_subset, "
+               "data.window_snippets, data.window_overlap, data.window_empty_fraction (fixed-stride features); head.* "
                "(name bmn|gtad, hidden, max_duration, loss weights, top_k_classes, ...); train_head.* (optimizer, lr, "
                "momentum, weight_decay, epochs, lr_step_epochs, lr_gamma, batch_size (global), grad_clip_norm, "
                "shuffle_buffer_rows); detect.soft_nms_sigma, detect.top_k, detect.protocol (anet|thumos: the mAP "

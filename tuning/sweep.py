@@ -37,7 +37,7 @@ from typing import Any
 
 from lofi.config import add_config_arguments, config_from_args, from_dict, replace, to_dict
 from lofi.errors import LofiError, cli_errors
-from lofi.fidelity import FidelityLevel, FidelitySchedule, resolve_level
+from lofi.fidelity import FidelityLevel, FidelitySchedule
 from pipelines.config import PipelineConfig
 from pipelines.storage import location
 from tuning import results
@@ -70,7 +70,8 @@ def check_keys(base: PipelineConfig, space: dict[str, Any]) -> list[Any]:
 def used_levels(cfg: PipelineConfig) -> tuple[FidelityLevel, ...]:
     """The levels a trial reads: its schedule's and the full level (validation, the head's grid)."""
     levels = {lv.name: lv for lv in FidelitySchedule(cfg.fidelity).levels()}
-    levels.setdefault(cfg.data.full_level, resolve_level(cfg.data.full_level, cfg.fidelity.overrides))
+    full = cfg.head_level()
+    levels.setdefault(full.name, full)
     return tuple(levels.values())
 
 
@@ -98,7 +99,7 @@ def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]
         name = f"trial-{i:0{width}d}"
         cfg = scfg.trial_config(base, overrides, name)
         levels = FidelitySchedule(cfg.fidelity).levels()
-        head_t = resolve_level(cfg.data.full_level, cfg.fidelity.overrides).num_snippets
+        head_t = cfg.head_level().num_snippets
         memory = activation_memory_by_level(cfg, levels, head_t, num_classes,
                                             cfg.train.per_worker_batch(cfg.scaling.num_workers))
         peak = max(memory.values())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from lofi.annotations import AnnotationError, AnnotationSet, Detections
 
@@ -87,20 +87,69 @@ class GroundTruthColumns:
                    np.array(labels, dtype=object), frozenset(v.video_id for v in ann.videos) - blocked)
 
 
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, length) of every run of equal neighbours."""
+    head = np.ones(len(values), dtype=bool)
+    head[1:] = values[1:] != values[:-1]
+    starts = np.flatnonzero(head)
+    return starts, np.diff(starts, append=len(values))
+
+
+def lookup(values: np.ndarray, index: dict[str, int]) -> np.ndarray:
+    """`index[value]` for every element (int64, -1 where absent), one dict lookup per run.
+
+    A run is a stretch of equal neighbours: prediction columns come grouped by video, so a
+    video-id column costs one lookup per video, not per row. No pandas: importing it costs
+    more than `lofi eval` spends here.
+    """
+    starts, lengths = _runs(values)
+    found = np.fromiter(map(index.get, values[starts].tolist(), repeat(-1)), dtype=np.int64, count=len(starts))
+    return np.repeat(found, lengths)
+
+
+def factorize(values: np.ndarray) -> np.ndarray:
+    """Codes 0, 1, ... in order of first appearance (as pandas.factorize), one dict step per run."""
+    starts, lengths = _runs(values)
+    seen: dict[str, int] = {}
+    codes = np.fromiter((seen.setdefault(v, len(seen)) for v in values[starts].tolist()),
+                        dtype=np.int64, count=len(starts))
+    return np.repeat(codes, lengths)
+
+
 def isin(values: np.ndarray, members: Iterable[str]) -> np.ndarray:
     """Hash-based membership: np.isin compares object arrays pairwise, minutes at 500k rows."""
-    return pd.Series(values, dtype=object).isin(set(members)).to_numpy()
+    return lookup(values, dict.fromkeys(members, 0)) >= 0
 
 
 def drop_blocked(det: Detections, blocked: frozenset[str]) -> Detections:
     return det.select(~isin(det.video_id, blocked)) if blocked else det
 
 
-def rank_order(score: np.ndarray, *group_keys: np.ndarray) -> np.ndarray:
-    """Indices sorted by the group keys (first = major), then score descending.
+def score_order(score: np.ndarray) -> np.ndarray:
+    """Indices by score descending, equal scores in reverse file order.
 
-    Equal scores come in reverse file order: the official code ranks with
-    `argsort()[::-1]`, which for a stable sort reverses ties.
+    The official code ranks with `argsort()[::-1]`; over a stable sort that reverses ties.
     """
-    position = np.arange(len(score))
-    return np.lexsort((-position, -score, *reversed(group_keys)))
+    return np.argsort(score, kind="stable")[::-1]
+
+
+def rank_order(score: np.ndarray, *group_keys: np.ndarray) -> np.ndarray:
+    """Indices sorted by the group keys (first = major), then in `score_order` within a group."""
+    return regroup(score_order(score), *group_keys)
+
+
+def regroup(order: np.ndarray, *group_keys: np.ndarray) -> np.ndarray:
+    """`order` stably re-sorted by the group keys (first = major), keeping it within a group.
+
+    One score sort then serves several groupings, each a stable sort of integer keys.
+    """
+    for key in reversed(group_keys):
+        order = order[np.argsort(_narrow(key[order]), kind="stable")]
+    return order
+
+
+def _narrow(key: np.ndarray) -> np.ndarray:
+    """The smallest integer type that holds the keys: numpy's stable sort is a radix sort up to 16 bits."""
+    if len(key) and key.min() >= np.iinfo(np.int16).min and key.max() <= np.iinfo(np.int16).max:
+        return key.astype(np.int16)
+    return key

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from lofi.annotations import AnnotationError, AnnotationSet, Detections
-from lofi.evaluation.common import (PROTOCOLS, GroundTruthColumns, drop_blocked, isin, rank_order, segment_tiou,
-                                    tiou_thresholds as check_thresholds)
+from lofi.evaluation.common import (PROTOCOLS, GroundTruthColumns, drop_blocked, factorize, isin, lookup, regroup,
+                                    score_order, segment_tiou, tiou_thresholds as check_thresholds)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +78,20 @@ def _pairs(p_group: np.ndarray, g_group: np.ndarray) -> tuple[np.ndarray, np.nda
     return pair_p, pair_g
 
 
+def _best_candidate_first(pair_p: np.ndarray, pair_g: np.ndarray, tiou: np.ndarray) -> np.ndarray:
+    """Order of the pairs: by prediction, then highest tIoU first, equal tIoUs the later ground truth first.
+
+    Pairs arrive in prediction order, so only predictions with several candidates need a
+    sort; at ActivityNet scale that is a small share of the pairs.
+    """
+    order = np.arange(len(pair_p))
+    multi = np.flatnonzero(np.bincount(pair_p)[pair_p] > 1) if len(pair_p) else order
+    # A prediction's pairs are contiguous, so sorting the subset and writing it back into
+    # the same positions leaves every single-candidate pair where it is.
+    order[multi] = multi[np.lexsort((-pair_g[multi], -tiou[multi], pair_p[multi]))]
+    return order
+
+
 def greedy_match(p_group: np.ndarray, p_start: np.ndarray, p_end: np.ndarray, g_group: np.ndarray,
                  g_start: np.ndarray, g_end: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """True-positive flags (T, N) of the official greedy assignment.
@@ -89,14 +102,14 @@ def greedy_match(p_group: np.ndarray, p_start: np.ndarray, p_end: np.ndarray, g_
     num_t, n, m = len(thresholds), len(p_group), len(g_group)
     pair_p, pair_g = _pairs(p_group, g_group)
     tiou = segment_tiou(p_start[pair_p], p_end[pair_p], g_start[pair_g], g_end[pair_g], degenerate=np.inf)
-    # Within a prediction: highest tIoU first, equal tIoUs the later ground truth first.
-    order = np.lexsort((-pair_g, -tiou, pair_p))
+    order = _best_candidate_first(pair_p, pair_g, tiou)
     pair_p, pair_g, tiou = pair_p[order], pair_g[order], tiou[order]
     selected = [np.flatnonzero(tiou >= t) for t in thresholds]
     t_of = np.repeat(np.arange(num_t, dtype=np.int64), [len(s) for s in selected])
     pick = np.concatenate(selected) if selected else np.zeros(0, np.int64)
-    _, group_codes = np.unique(p_group, return_inverse=True)
-    num_groups = int(group_codes.max()) + 1 if n else 1
+    # p_group is sorted: a new code wherever it changes.
+    group_codes = np.cumsum(np.diff(p_group, prepend=p_group[:1]) != 0)
+    num_groups = int(group_codes[-1]) + 1 if n else 1
     # Flat keys over (threshold, ...): groups never interact, so all thresholds run together.
     group = t_of * num_groups + group_codes[pair_p[pick]]
     pred_key = t_of * n + pair_p[pick]
@@ -128,43 +141,83 @@ def interpolated_ap(tp: np.ndarray, num_positives: int) -> np.ndarray:
     return np.where(tp, recall_step * envelope, 0.0).sum(axis=1)
 
 
+@dataclass(frozen=True, eq=False)
+class Grouped:
+    """Scored predictions and ground truth keyed by group (class * num_videos + video).
+
+    `p_order` sorts the kept predictions by group, rank order within a group (what
+    `greedy_match` needs); `by_class` sorts them by class, rank order within a class (what
+    AP needs); `g_order` sorts the ground truth by group, file order within a group.
+    """
+
+    classes: tuple[str, ...]
+    g_cls: np.ndarray
+    g_group: np.ndarray
+    g_order: np.ndarray
+    known: np.ndarray  # indices of the predictions whose label is one of `classes`
+    p_cls: np.ndarray  # class of each kept prediction
+    p_group: np.ndarray
+    p_order: np.ndarray
+    by_class: np.ndarray
+    unknown: dict[str, int]  # left-out labels -> count
+
+
+def group(gt: GroundTruthColumns, det: Detections, vocabulary: Any) -> Grouped:
+    """Class and video codes by hash lookups, then the sort orders, with no per-group Python step."""
+    present = set(gt.label.tolist())
+    classes = tuple(name for name in vocabulary if name in present)
+    if not classes:
+        raise AnnotationError(["the ground truth has no segments to score against; check --subset and the file"])
+    class_index = {name: k for k, name in enumerate(classes)}
+    g_cls, p_cls_all = lookup(gt.label, class_index), lookup(det.label, class_index)
+    unknown = Counter(det.label[p_cls_all < 0].tolist())
+    known = np.flatnonzero(p_cls_all >= 0)
+    p_cls = p_cls_all[known]
+    videos = factorize(np.concatenate([gt.video_id, det.video_id[known]]))
+    g_vid, p_vid = videos[:len(gt.video_id)], videos[len(gt.video_id):]
+    num_videos_coded = int(videos.max()) + 1 if len(videos) else 1
+    g_group = g_cls * num_videos_coded + g_vid
+    p_group = p_cls * num_videos_coded + p_vid
+    by_score = score_order(det.score[known])
+    return Grouped(classes, g_cls, g_group, np.argsort(g_group, kind="stable"), known, p_cls, p_group,
+                   regroup(by_score, p_cls, p_vid), regroup(by_score, p_cls),
+                   dict(sorted(unknown.items())))
+
+
+def match(grouped: Grouped, gt: GroundTruthColumns, det: Detections, thresholds: np.ndarray) -> np.ndarray:
+    """True-positive flags (T, N) of the kept predictions, columns in `by_class` order."""
+    p_order, g_order = grouped.p_order, grouped.g_order
+    chosen = grouped.known[p_order]
+    tp_grouped = greedy_match(grouped.p_group[p_order], det.start_sec[chosen], det.end_sec[chosen],
+                              grouped.g_group[g_order], gt.start_sec[g_order], gt.end_sec[g_order], thresholds)
+    # Column j of tp_grouped is prediction p_order[j]; one gather puts them in by_class order.
+    position = np.empty_like(p_order)
+    position[p_order] = np.arange(len(p_order))
+    return tp_grouped[:, position[grouped.by_class]]
+
+
+def class_ap(grouped: Grouped, tp: np.ndarray) -> np.ndarray:
+    """AP (T, K): each class's slice of the by_class-ordered flags, against its ground-truth count."""
+    num_classes = len(grouped.classes)
+    bounds = np.searchsorted(grouped.p_cls[grouped.by_class], np.arange(num_classes + 1))
+    positives = np.bincount(grouped.g_cls, minlength=num_classes)
+    return np.stack([interpolated_ap(tp[:, bounds[k]:bounds[k + 1]], positives[k]) for k in range(num_classes)],
+                    axis=1)
+
+
 def evaluate_detection(ground_truth: AnnotationSet, detections: Detections, tiou_thresholds: Any = PROTOCOLS["anet"],
                        blocked: frozenset[str] = frozenset()) -> DetectionResult:
     """Score detections against every video of `ground_truth` (select a subset first).
 
     Predictions whose label has no ground truth here are counted in `unknown_labels` and
     left out; predictions on videos without ground truth of their class are false positives.
+    The phases (`group`, `match`, `class_ap`) are public so that bench/eval_speed.py can time each.
     """
     thresholds = check_thresholds(tiou=tiou_thresholds)
     gt = GroundTruthColumns.build(ground_truth, blocked)
     det = drop_blocked(detections, blocked)
-    present = set(gt.label.tolist())
-    classes = tuple(name for name in ground_truth.labels if name in present)
-    if not classes:
-        raise AnnotationError(["the ground truth has no segments to score against; check --subset and the file"])
-    class_of = pd.CategoricalDtype(list(classes))
-    g_cls = pd.Categorical(gt.label, dtype=class_of).codes.astype(np.int64)
-    p_cls = pd.Categorical(det.label, dtype=class_of).codes.astype(np.int64)
-    unknown = Counter(det.label[p_cls < 0].tolist())
-    known = np.flatnonzero(p_cls >= 0)
-    videos, _ = pd.factorize(np.concatenate([gt.video_id, det.video_id[known]]))
-    g_vid, p_vid = videos[:len(gt.video_id)].astype(np.int64), videos[len(gt.video_id):].astype(np.int64)
-    num_videos_coded = int(videos.max()) + 1 if len(videos) else 1
-    g_group = g_cls * num_videos_coded + g_vid
-    g_order = np.argsort(g_group, kind="stable")
-    p_group = p_cls[known] * num_videos_coded + p_vid
-    score = det.score[known]
-    p_order = rank_order(score, p_group)
-    tp_grouped = greedy_match(p_group[p_order], det.start_sec[known][p_order], det.end_sec[known][p_order],
-                              g_group[g_order], gt.start_sec[g_order], gt.end_sec[g_order], thresholds)
-    tp = np.empty_like(tp_grouped)
-    tp[:, p_order] = tp_grouped
-    # AP needs each class in rank order over all its videos.
-    by_class = rank_order(score, p_cls[known])
-    tp, k_sorted = tp[:, by_class], p_cls[known][by_class]
-    bounds = np.searchsorted(k_sorted, np.arange(len(classes) + 1))
-    positives = np.bincount(g_cls, minlength=len(classes))
-    ap = np.stack([interpolated_ap(tp[:, bounds[k]:bounds[k + 1]], positives[k]) for k in range(len(classes))], axis=1)
+    grouped = group(gt, det, ground_truth.labels)
+    ap = class_ap(grouped, match(grouped, gt, det, thresholds))
     outside = int((~isin(det.video_id, gt.video_ids)).sum())
-    return DetectionResult(thresholds, classes, ap, len(gt.video_ids), len(gt.video_id), len(det),
-                           dict(sorted(unknown.items())), outside)
+    return DetectionResult(thresholds, grouped.classes, ap, len(gt.video_ids), len(gt.video_id), len(det),
+                           grouped.unknown, outside)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from lofi.annotations import AnnotationError, AnnotationSet, Detections
-from lofi.evaluation.common import PROTOCOLS, GroundTruthColumns, drop_blocked, rank_order, segment_tiou
+from lofi.evaluation.common import PROTOCOLS, GroundTruthColumns, drop_blocked, lookup, rank_order, segment_tiou
 from lofi.evaluation.common import tiou_thresholds as check_thresholds
 
 AR_AT = (1, 5, 10, 100)
@@ -77,7 +76,7 @@ def evaluate_proposals(ground_truth: AnnotationSet, proposals: Detections, tiou_
     num_videos = len(video_names)
     if num_videos == 0:
         raise AnnotationError(["the ground truth has no segments to recall; check --subset and the file"])
-    p_vid = pd.Categorical(props.video_id, categories=video_names.tolist()).codes.astype(np.int64)
+    p_vid = lookup(props.video_id, {name: k for k, name in enumerate(video_names.tolist())})
     ratio = max_avg_proposals * float(num_videos) / len(props) if len(props) else 0.0
     inside = p_vid >= 0
     order = rank_order(props.score[inside], p_vid[inside])

@@ -19,6 +19,14 @@ on GPU; a GradScaler for fp16 autocast; optional gradient clipping), validate on
 unwrapped model, step the StepLR scheduler, then `ray.train.report(metrics, checkpoint)`:
 every epoch and always with a checkpoint, so `Result.metrics` is never None.
 
+Input: every epoch reports `data_wait_sec`, the time the loop spent blocked in the stage's
+batch iterator (Ray Data's `iter_torch_batches` of the shard datasets, the first batch's start of
+the streaming execution included), and `data_wait_share`, that over the epoch's training time,
+both of the worker that waited most (DDP steps at the slowest worker's pace), with each worker's
+share as `data_wait_share_rank<r>` when there are several; and `rows_read_<dataset>` (summed
+over workers; "train/<level>" counts as <level>): the rows taken from each training dataset, the
+check that nothing is read that is not trained on. The progress line shows the share.
+
 Batch size and learning rate: `batch_size` is global; a worker takes batch_size / num_workers
 rows per step and DDP averages the gradients, so a step's gradient is the global batch's and
 the learning rate is used as configured for any number of workers.

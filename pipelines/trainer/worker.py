@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ class WorkerContext:
     world_size: int
     device: torch.device
     config: dict[str, Any]  # the loop config: stage-specific plain data from the driver
+    # rows this worker took from each dataset since the epoch began (`batches`): what was read, not what was
+    # trained on; the harness reports the training datasets' counts as rows_read_<name>
+    rows_read: dict[str, int] = field(default_factory=dict)
 
     @property
     def per_worker_batch(self) -> int:
@@ -47,7 +50,13 @@ class WorkerContext:
         if train and self.optim.shuffle_buffer_rows > 0:
             kwargs.update(local_shuffle_buffer_size=self.optim.shuffle_buffer_rows,
                           local_shuffle_seed=self.cfg.run.seed + epoch)
-        return ray.train.get_dataset_shard(name).iter_torch_batches(**kwargs)
+        self.rows_read.setdefault(name, 0)  # every worker opens the same datasets: the same keys to all-reduce
+        return self._counted(name, ray.train.get_dataset_shard(name).iter_torch_batches(**kwargs))
+
+    def _counted(self, name: str, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches:
+            self.rows_read[name] += len(next(iter(batch.values())))
+            yield batch
 
 
 @dataclass
@@ -190,6 +199,25 @@ def quiet_report_log() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _Waits:
+    """Seconds the loop spent blocked in the batch iterator: waiting for data, not computing."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        iterator = iter(batches)  # a stage's generator starts (and opens its datasets) inside the first next()
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.seconds += time.perf_counter() - started  # the end of an epoch is waited for too
+                return
+            self.seconds += time.perf_counter() - started
+            yield batch
+
+
 def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int) -> dict[str, Any]:
     parts.model.train()
     if ctx.device.type == "cuda":
@@ -197,8 +225,10 @@ def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int
     sums: dict[str, float] = {}
     counts = {"samples": 0.0, "frames": 0.0}
     levels: list[str] = []
+    ctx.rows_read.clear()
+    waits = _Waits()
     started = time.perf_counter()
-    for batch in stage.epoch_batches(ctx, epoch, parts.global_batch):
+    for batch in waits.timed(stage.epoch_batches(ctx, epoch, parts.global_batch)):
         out = stage.step(ctx, parts.model, batch, epoch)
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(out.losses["total"]).backward()
@@ -215,22 +245,38 @@ def _train_epoch(stage: StageLoop, ctx: WorkerContext, parts: _Parts, epoch: int
         if out.level and out.level not in levels:
             levels.append(out.level)
     seconds = time.perf_counter() - started
-    totals = all_reduce({**sums, **counts}, ctx.device)
+    read = {f"rows_read_{name.removeprefix('train/')}": float(n) for name, n in ctx.rows_read.items()}
+    totals = all_reduce({**sums, **counts, **read}, ctx.device)
     if totals["samples"] == 0:
         raise LofiError(f"lofi {stage.name}: epoch {epoch} had no training step: fewer training rows than "
                         f"{stage.name}.batch_size={ctx.optim.batch_size} (rows per worker are equalised); lower "
                         f"--set {stage.name}.batch_size or add training videos")
-    peaks = all_reduce({"seconds": seconds, "peak_memory_bytes": peak_memory_bytes(ctx.device)}, ctx.device, "max")
     metrics: dict[str, Any] = {"epoch": epoch, "global_batch": parts.global_batch}
     metrics.update({key: totals[key] / totals["samples"] for key in sums})
-    metrics[f"{stage.samples}_per_sec"] = totals["samples"] / peaks["seconds"]
-    if totals["frames"]:  # train-head's samples are features, not frames
-        metrics["frames_per_sec"] = totals["frames"] / peaks["seconds"]
-    metrics.update(train_seconds=peaks["seconds"], peak_memory_bytes=peaks["peak_memory_bytes"])
+    metrics.update({key: int(totals[key]) for key in read})
+    metrics.update(_speed_metrics(stage, ctx, totals, seconds, waits.seconds))
     for i, group in enumerate(parts.optimizer.param_groups):
         metrics["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
     if levels:
         metrics["level"] = "+".join(levels)
+    return metrics
+
+
+def _speed_metrics(stage: StageLoop, ctx: WorkerContext, totals: dict[str, float], seconds: float,
+                   wait_sec: float) -> dict[str, float]:
+    """Throughput, memory and input-boundness of the epoch. data_wait_sec / data_wait_share: time blocked
+    in the batch iterator, and its share of the epoch's training time, of the worker that waited most
+    (DDP steps at the pace of the slowest worker); with several workers, each one's share as well."""
+    share = wait_sec / seconds if seconds > 0 else 0.0
+    per_rank = {f"data_wait_share_rank{r}": share if r == ctx.rank else 0.0 for r in range(ctx.world_size)}
+    shares = all_reduce(per_rank, ctx.device) if ctx.world_size > 1 else {}
+    peaks = all_reduce({"seconds": seconds, "peak_memory_bytes": peak_memory_bytes(ctx.device),
+                        "data_wait_sec": wait_sec, "data_wait_share": share}, ctx.device, "max")
+    metrics = {f"{stage.samples}_per_sec": totals["samples"] / peaks["seconds"]}
+    if totals["frames"]:  # train-head's samples are features, not frames
+        metrics["frames_per_sec"] = totals["frames"] / peaks["seconds"]
+    metrics.update(train_seconds=peaks["seconds"], peak_memory_bytes=peaks["peak_memory_bytes"],
+                   data_wait_sec=peaks["data_wait_sec"], data_wait_share=peaks["data_wait_share"], **shares)
     return metrics
 
 
@@ -310,6 +356,8 @@ def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:
     parts += [f"{k} {m[k]:.4f}" for k in ("val_loss_total", "val_balanced_accuracy", "val_tal_balanced_accuracy",
                                           "val_average_mAP") if k in m]
     parts += [f"lr {m['lr']:.3g}", f"{m[f'{stage.samples}_per_sec']:.2f} {stage.samples}/s"]
+    if "data_wait_share" in m:
+        parts.append(f"data wait {100 * m['data_wait_share']:.0f}%")
     return " | ".join(parts)
 
 

@@ -119,6 +119,9 @@ def test_demo_job_reports_three_branches_with_scores_memory_and_times(demo):
         assert set(b["stage_seconds"]) == stages and all(s > 0 for s in b["stage_seconds"].values())
         assert b["num_validation_videos"] == 1 and Path(b["predictions"]).is_file()
         assert json.loads(Path(b["eval"]).read_text())["average_mAP"] == b["average_mAP"]
+        # stage 1 trained on the generated clip set, not the TAL videos: declared as external data
+        external = json.loads(Path(b["predictions"]).read_text())["external_data"]
+        assert external["used"] is True and "clip set" in external["details"], external
     # the frozen encoder's head-only step < a step at the largest LoFi level < full fidelity end to end
     assert 0 < report["baseline"]["activation_memory_bytes"] < report["lofi"]["activation_memory_bytes"] \
         < report["full_end_to_end"]["activation_memory_bytes"] == report["full_fidelity_activation_memory_bytes"]

@@ -15,6 +15,7 @@ from lofi.annotations import (
     LabelVocab,
     Segment,
     Video,
+    detections_from_results,
     load_annotations,
     load_predictions,
     save_activitynet,
@@ -209,6 +210,65 @@ def test_bad_predictions_are_all_reported(tmp_path):
     assert [p.split(": ")[2] for p in info.value.problems] == ["results[1]", "results[2]", "results[3]"]
     assert "score 'high' is not a number" in info.value.problems[0]
     assert len(load_predictions(path, skip_invalid=True)) == 1
+
+
+# Empty result lists, a video listed with nothing, a missing label (proposal), labels no
+# ground truth knows, integer and exponent numbers, equal scores, a zero-length segment, an
+# extra field: all well formed, so the columnar fast path must read them.
+TRICKY_RESULTS = {
+    "v1": [{"label": "Jump", "score": 0.5, "segment": [1, 2]}, {"label": "Run", "score": 0.5, "segment": [0, 3.25]},
+           {"label": "Not a class", "score": 0.9, "segment": [2, 2]}],
+    "v_empty": [],
+    "v2": [{"score": 1, "segment": [0, 10]}, {"segment": [5, 7.5], "label": "Jump", "score": 0.5}],
+    "v3": [{"label": "Jump", "score": 0.25, "segment": [1e-3, 4e5], "extra": {"k": [1]}}],
+    "v_empty_too": [],
+}
+
+
+def plain_rows(results: dict) -> list[tuple]:
+    """The reading rule written as the plainest loop: file order, float(), a missing label is ""."""
+    return [(video, float(e["segment"][0]), float(e["segment"][1]), float(e["score"]), e.get("label", ""))
+            for video, entries in results.items() for e in entries]
+
+
+def test_fast_prediction_reader_equals_a_plain_row_loop(tmp_path):
+    from lofi.annotations import predictions
+
+    path = write_json(tmp_path / "p.json", {"version": "VERSION 1.3", "results": TRICKY_RESULTS})
+    assert predictions._fast_columns(TRICKY_RESULTS) is not None  # the fast path, not the entry-by-entry one
+    det = load_predictions(path)
+    got = list(zip(det.video_id.tolist(), det.start_sec.tolist(), det.end_sec.tolist(), det.score.tolist(),
+                   det.label.tolist()))
+    assert got == plain_rows(TRICKY_RESULTS)
+    assert [c.dtype for c in (det.video_id, det.start_sec, det.end_sec, det.score, det.label)] == \
+        [object, np.float64, np.float64, np.float64, object]
+    in_memory = detections_from_results(TRICKY_RESULTS)
+    assert in_memory.video_id.tolist() == det.video_id.tolist() and in_memory.score.tolist() == det.score.tolist()
+    empty = load_predictions(write_json(tmp_path / "e.json", {"results": {"a": [], "b": []}}))
+    assert len(empty) == 0 and empty.start_sec.dtype == np.float64
+
+
+@pytest.mark.parametrize("results, problem", [
+    ({"v": [{"label": "J", "score": float("nan"), "segment": [1, 2]}]}, "must be finite numbers"),
+    ({"v": [{"label": "J", "score": 0.5, "segment": [1, 2, 3]}]}, "is not [start, end]"),
+    ({"v": [{"label": "J", "score": True, "segment": [1, 2]}, {"label": ["J"], "score": 1, "segment": [1, 2]}]},
+     "label ['J'] is not a string"),
+    ({"v": {"label": "J"}}, "must be a list, got dict"),
+])
+def test_prediction_reader_names_problems_the_fast_path_leaves_to_the_checked_one(tmp_path, results, problem):
+    path = write_json(tmp_path / "p.json", {"results": results})
+    with pytest.raises(AnnotationError) as info:
+        load_predictions(path)
+    assert problem in str(info.value) and "video 'v'" in str(info.value)
+
+
+def test_repeated_video_id_in_predictions_is_reported(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"results": {"v": [{"label": "J", "score": 1, "segment": [1, 2]}], '
+                    '"v": [{"label": "J", "score": 1, "segment": [3, 4]}]}}')
+    with pytest.raises(AnnotationError, match="the same video id appears again"):
+        load_predictions(path)
+    assert load_predictions(path, skip_invalid=True).start_sec.tolist() == [1.0]
 
 
 # --- the real files -------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from lofi.annotations import load_annotations, load_predictions, save_predictions
+from lofi.annotations import load_annotations, save_predictions
 from lofi.annotations.types import Detections
 from pipelines.cli import main as lofi
 
@@ -64,6 +66,20 @@ def test_proposals_json(tmp_path, capsys):
     assert code == 0 and result["average_recall"][-1] == 1.0 and result["num_proposals"] == 2
     assert {"AUC", "AR@1", "AR@5", "AR@10", "AR@100"} <= set(result)
 
+
+def test_eval_starts_without_torch_or_pandas(tmp_path):
+    """`lofi eval` is a quick command: its process never pays for importing torch or pandas."""
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"database": {"a": {"subset": "validation", "duration": 60, "annotations": [
+        {"segment": [0, 10], "label": "X"}]}}}))
+    pred = tmp_path / "p.json"
+    pred.write_text(json.dumps({"results": {"a": [{"label": "X", "score": 0.9, "segment": [0, 10]}]}}))
+    code = ("import sys; from pipelines.cli import main; "
+            f"assert main(['eval', '--ground-truth', {str(gt)!r}, '--predictions', {str(pred)!r}, '--json']) == 0; "
+            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 def test_eval_reports_bad_inputs_with_status_2(tmp_path, capsys):
     gt = tmp_path / "gt.json"

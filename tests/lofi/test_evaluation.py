@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lofi.annotations import AnnotationSet, Detections, LabelVocab, Segment, Video
-from lofi.evaluation import PROTOCOLS, evaluate_detection, evaluate_proposals, read_blocked, tiou_thresholds
+from lofi.evaluation import evaluate_detection, evaluate_proposals, read_blocked, tiou_thresholds
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("naive_eval", REPO / "bench/reference/naive_eval.py")
@@ -206,3 +206,50 @@ def test_an_added_false_positive_never_raises_ap(case, score, label):
     # A video without ground truth: a false positive wherever it ranks, and it takes no ground truth.
     after = evaluate_detection(gt_set(gt), dets(rows + [("elsewhere", 0.0, 5.0, label, float(score))]))
     assert np.all(after.ap <= before.ap + 1e-12)
+
+
+def test_prediction_file_with_gaps_scores_as_the_naive_reference(tmp_path):
+    """Read from files: a video without predictions, empty lists, an unknown label, tied scores."""
+    import json
+
+    from lofi.annotations import load_annotations, load_predictions
+
+    gt = {"v1": [(0.0, 4.0, "X"), (6.0, 9.0, "X")], "v2": [(1.0, 3.0, "Y")], "v_missing": [(2.0, 5.0, "X")]}
+    results = {"v1": [{"label": "X", "score": 0.5, "segment": [0, 4]}, {"label": "X", "score": 0.5, "segment": [6, 8]},
+                      {"label": "Z", "score": 0.9, "segment": [0, 4]}],
+               "v_empty": [],
+               "v2": [{"label": "Y", "score": 0.5, "segment": [1, 2]}, {"label": "X", "score": 0.5, "segment": [1, 3]}],
+               "elsewhere": [{"label": "Y", "score": 0.7, "segment": [1, 3]}], "v_empty_too": []}
+    database = {v: {"subset": "validation", "duration": 20.0,
+                    "annotations": [{"segment": [s, e], "label": l} for s, e, l in segs]} for v, segs in gt.items()}
+    (tmp_path / "gt.json").write_text(json.dumps({"database": database}))
+    (tmp_path / "p.json").write_text(json.dumps({"results": results}))
+    thresholds = [0.5, 0.7, 0.9]
+    result = evaluate_detection(load_annotations(tmp_path / "gt.json"), load_predictions(tmp_path / "p.json"),
+                                thresholds)
+    rows = [(v, float(e["segment"][0]), float(e["segment"][1]), e["label"], float(e["score"]))
+            for v, entries in results.items() for e in entries]
+    reference = naive.detection_ap(*naive_rows(gt, rows), thresholds)
+    assert result.labels == ("X", "Y") and result.unknown_labels == {"Z": 1}
+    assert result.num_predictions_outside_videos == 1
+    for k, label in enumerate(result.labels):
+        np.testing.assert_allclose(result.ap[:, k], reference[label], rtol=0, atol=1e-12)
+
+
+def test_grouping_helpers_agree_with_plain_python():
+    from lofi.evaluation.common import factorize, lookup, regroup, score_order
+
+    rng = np.random.default_rng(0)
+    # Runs of equal neighbours (as prediction files group by video), repeats after a gap, absent values.
+    values = np.array([f"v{i}" for i in rng.integers(0, 30, 200).repeat(rng.integers(1, 4, 200))], dtype=object)
+    index = {f"v{i}": i * 7 for i in range(0, 30, 2)}
+    assert lookup(values, index).tolist() == [index.get(v, -1) for v in values]
+    first_seen = list(dict.fromkeys(values.tolist()))
+    assert factorize(values).tolist() == [first_seen.index(v) for v in values]
+    assert lookup(values[:0], index).dtype == np.int64 and len(factorize(values[:0])) == 0
+    score = rng.integers(0, 5, len(values)).astype(float)
+    position = np.arange(len(values))
+    for major in (rng.integers(0, 3, len(values)), rng.integers(0, 100_000, len(values))):  # int16 and wider keys
+        minor = rng.integers(0, 40_000, len(values))
+        expected = np.lexsort((-position, -score, minor, major))  # ties in reverse file order, as official
+        assert regroup(score_order(score), major, minor).tolist() == expected.tolist()

@@ -46,6 +46,16 @@ def test_short_c_lofi_changes_level_every_n_batches_across_epochs():
     assert names == [S, S, T, T, ST, ST, S]
 
 
+def test_a_short_cycle_gives_a_used_up_levels_turn_to_the_next_level_with_data():
+    sched = FidelitySchedule(FidelityScheduleConfig(kind="c_lofi", cycle="batches", every_batches=2))
+    assert sched.position(0, 2) == 1  # T's turn
+    assert sched.position(0, 2, done={1}) == 2  # T's pass of the epoch is done: ST, the next in the cycle
+    assert sched.position(0, 4, done={2}) == 0  # after ST comes S again
+    assert sched.position(0, 4, done={0, 2}) == 1
+    with pytest.raises(ValueError, match="every level's data of epoch 0 is used up"):
+        sched.position(0, 4, done={0, 1, 2})
+
+
 @pytest.mark.parametrize("kind", ["full", "s_lofi", "t_lofi", "st_lofi"])
 @pytest.mark.parametrize("cycle", ["epoch", "batches"])
 def test_single_level_schedules_never_change(kind, cycle):

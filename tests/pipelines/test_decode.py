@@ -157,4 +157,5 @@ def test_filesystem_uri_input_decodes_like_a_local_path(good_video):
     via_uri = decode_item(item(vid, files[vid], duration), [lv], OPTIONS)
     local = decode_item(item(vid, path, duration), [lv], OPTIONS)
     assert via_uri[0].get("error") is None
-    assert via_uri[0]["frames"] == local[0]["frames"] and via_uri[0]["frame_indices"] == local[0]["frame_indices"]
+    assert np.array_equal(via_uri[0]["frames"], local[0]["frames"])
+    assert via_uri[0]["frame_indices"] == local[0]["frame_indices"]

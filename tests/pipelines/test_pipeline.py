@@ -63,6 +63,9 @@ def test_one_command_runs_every_stage_and_reports_both_branches(first_run):
     for branch in ("baseline", "lofi"):
         assert 0.0 <= report[branch]["average_mAP"] <= 1.0 and report[branch]["num_validation_videos"] == 2
         assert report[branch]["reused_stages"] == []
+        # stage 1 trained from random initialisation on the TAL videos themselves: no external data
+        external = json.loads((run / branch / "detect" / "predictions.json").read_text())["external_data"]
+        assert external["used"] is False and "random initialisation" in external["details"], external
     assert set(report["lofi"]["stage_seconds"]) == {"pretrain", "train", "extract", "train_head", "detect"}
     assert report["data_seconds"]["prepare"] > 0 and (run / "records" / "prepare.json").is_file()
 

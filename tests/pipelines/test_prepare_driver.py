@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +13,8 @@ from lofi.annotations import Segment, Video
 from lofi.config import from_dict
 from lofi.errors import LofiError
 from pipelines import shards
-from pipelines.prepare import PrepareConfig, build_items, list_video_files, prepare_output
+from pipelines.prepare import PrepareConfig, build_items, list_video_files, prepare_output, previous_errors
+from pipelines.prepare_tasks import _TaskErrors, committed_ids, forget_failures
 
 LEVEL = {"name": "lo", "num_snippets": 2, "snippet_stride_sec": None, "frames_per_snippet": 1, "size_px": 2,
          "storage": "uint8", "jpeg_quality": 90, "snippets_per_row": 2}
@@ -107,3 +109,41 @@ def test_a_part_missing_chunks_of_a_video_refuses_to_commit(tmp_path):
     with pytest.raises(RuntimeError, match="split across write tasks"):
         writer.commit()
     assert shards.committed_parts(tmp_path) == []
+
+
+def test_retry_failed_needs_a_previous_manifest_and_excludes_overwrite(tmp_path):
+    with pytest.raises(LofiError, match="--retry-failed.*manifest.json does not exist.*without --retry-failed"):
+        previous_errors(config(tmp_path / "out", retry_failed=True))
+    with pytest.raises(ValueError, match="overwrite and retry_failed"):
+        config(tmp_path / "out", retry_failed=True, overwrite=True)
+
+
+def test_forgotten_failures_count_as_not_done_and_written_videos_stay(tmp_path):
+    out = shards.shards_location(tmp_path)
+    mixed = shards.PartWriter(out, [LEVEL], "zstd")
+    mixed.add(staged("a"))  # "a" written, "bad" failed
+    mixed = mixed.commit()
+    alone = shards.PartWriter(out, [LEVEL], "zstd")
+    alone.add(pa.Table.from_pylist([{"video_id": "crash", "path": "/v/crash.mp4", "stage": "decode-crash",
+                                     "error": "died", "decode_sec": 0.0}], schema=shards.STAGING_SCHEMA))
+    alone.commit()
+    assert committed_ids(out) == {"a", "bad", "crash"}
+    forget_failures(out, {"bad", "crash", "a"})  # "a" was written: not a failure, kept
+    (record,) = shards.committed_parts(out)  # the failure-only record went
+    assert record["part"] == mixed["part"] and record["video_ids"] == ["a"]
+    assert record["failed_ids"] == [] and record["errors"] == [] and record["levels"] == mixed["levels"]
+    assert committed_ids(out) == {"a"}
+
+
+def test_only_dead_processes_are_retried_alone_other_task_errors_fail_the_run():
+    from ray.exceptions import WorkerCrashedError
+
+    errors, logger = _TaskErrors(), logging.getLogger("lofi-test-task-errors")
+    logger.addHandler(errors)
+    logger.error("a task died", exc_info=WorkerCrashedError())
+    errors.raise_unless_deaths()  # a dead process: its videos are decoded again alone
+    assert errors.deaths().startswith("WorkerCrashedError: ")
+    logger.error("a task raised", exc_info=OSError("No space left on device"))
+    with pytest.raises(OSError, match="No space left"):  # a full disk would fail every retry too
+        errors.raise_unless_deaths()
+    logger.removeHandler(errors)

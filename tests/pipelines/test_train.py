@@ -2,9 +2,11 @@
 
 Data: the `synth_small` videos prepared at tiny levels (T <= 8, F = 2, S = 32). Its two
 validation videos are corrupt, so the runs validate on the training videos (val_subset:
-training): the tests check the mechanics, not generalisation. Fits, the expensive part
-(~20-40 s each here): pretrain 1, train 3 (the 1-worker run is the baseline of the 2-worker
-run and of the killed one), train-head 2.
+training): the tests check the mechanics, not generalisation. Stage 2 runs short-cycle C-LoFi
+(every 2 batches) at one batch per level pass: an epoch is S, T, ST steps in some order, which
+the 2-worker and the killed runs must replay. Fits, the expensive part (~20-40 s each here):
+pretrain 1, train 3 (the 1-worker run is the baseline of the 2-worker run and of the killed
+one), train-head 2.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def make_cfg(shards: Path, storage: Path, name: str, *overrides: str) -> Pipelin
         # freeze_bn: BatchNorm batch statistics would differ between 1 and 2 workers
         "encoder": {"width": 8, "freeze_bn": True},
         "head": {"name": "bmn", "hidden": 16, "num_sample": 4},
-        "fidelity": {"kind": "c_lofi", "cycle": "epoch",
+        "fidelity": {"kind": "c_lofi", "cycle": "batches", "every_batches": 2,
                      "overrides": {n: {"num_snippets": t, "frames_per_snippet": 2, "size_px": s}
                                    for n, (t, s) in GRIDS.items()}},
         "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.01},
@@ -88,6 +90,8 @@ def test_pretrain_writes_an_encoder_the_next_stage_loads(pretrained):
     assert 0.0 <= m["val_accuracy"] <= 1.0 and m["peak_memory_bytes"] > 0
     # every training snippet is a clip: 6 videos x 8 snippets at s_lofi, background included
     assert m["val_clips"] == NUM_TRAIN_VIDEOS * 8
+    assert m["rows_read_train"] == NUM_TRAIN_VIDEOS * 8  # 3 full batches of 16: every training clip once
+    assert m["data_wait_sec"] >= 0 and 0 <= m["data_wait_share"] < 1
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +112,16 @@ def test_train_follows_the_schedule_and_writes_encoder_and_model(one_worker):
     for key in ("loss_total", "loss_boundary", "loss_iou_cls", "loss_iou_reg", "loss_classes", "val_loss_total",
                 "lr", "lr_encoder", "videos_per_sec", "frames_per_sec", "peak_memory_bytes"):
         assert np.isfinite(m[key]), key
-    assert m["epoch"] == 1 and m["global_batch"] == 2  # 2 epochs of one batch of 6 videos
-    assert (m["level_num_snippets"], m["level_size_px"]) == (4, 32)  # C-LoFi: epoch 0 s_lofi, epoch 1 t_lofi
+    # short-cycle C-LoFi: an epoch reads the 6 videos once at each level, one batch of 6 per level pass.
+    # Epoch 1 starts at global batch 3 (2-batch slot 1: T), then slot 2 (ST), then slot 2 again but ST's
+    # pass is done, so the turn goes on to S: T, ST, S.
+    assert m["epoch"] == 1 and m["global_batch"] == 6
+    assert (m["level_num_snippets"], m["level_size_px"]) == (8, 32)  # the level epoch 1 ended with
+    # what was read, per level: one pass each, and nothing beyond the rows trained on (3 steps of 6 videos)
+    read = {level: m[f"rows_read_{level}"] for level in GRIDS}
+    assert read == {level: NUM_TRAIN_VIDEOS for level in GRIDS}
+    assert sum(read.values()) == 3 * cfg.train.batch_size
+    assert m["data_wait_sec"] >= 0 and 0 <= m["data_wait_share"] < 1 and np.isfinite(m["loss_total"])
     assert m["lr"] == m["lr_encoder"] == 0.05  # not rescaled; StepLR halves only after 5 epochs
     assert 0 < m["activation_memory_bytes"] < 2**30
     # the end-to-end model's own detections on the validation videos, scored every epoch (a sweep's metric)
@@ -119,6 +131,8 @@ def test_train_follows_the_schedule_and_writes_encoder_and_model(one_worker):
     assert [c.name for c in checkpoints] == ["epoch-0001"]
     history = torch.load(checkpoints[0] / "state.pt", weights_only=True)["history"]
     assert [row["epoch"] for row in history] == [0, 1] and history[1]["loss_total"] == pytest.approx(m["loss_total"])
+    # epoch 0 from global batch 0: slot 0 (S), S done -> T, slot 1 (T) done -> ST
+    assert [row["level"] for row in history] == ["s_lofi+t_lofi+st_lofi", "t_lofi+st_lofi+s_lofi"]
     encoder = build_encoder(EncoderConfig(width=8, checkpoint=result.artifacts["encoder"], checkpoint_format="lofi"))
     model = torch.load(result.artifacts["model"], weights_only=True)
     assert all(torch.equal(v, model[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
@@ -147,8 +161,8 @@ def test_train_is_tracked_per_epoch_in_mlflow(one_worker):
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "w1/train"
-    history = client.get_metric_history(run.info.run_id, "loss_total")
-    assert sorted(h.step for h in history) == [0, 1]
+    for key in ("loss_total", "data_wait_share", "rows_read_t_lofi"):
+        assert sorted(h.step for h in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
     assert run.data.params["train.lr"] == "0.05"
 
 
@@ -174,7 +188,11 @@ def test_two_workers_at_the_same_global_batch_match_one_worker(one_worker, shard
     cfg = make_cfg(shards_dir, tmp_path, "w2", f"encoder.checkpoint={cfg1.encoder.checkpoint}",
                    "scaling.num_workers=2", "data.cache_max_mib=0")
     two = run(cfg)
-    assert two.metrics["global_batch"] == one.metrics["global_batch"] == 2  # per-worker batch 3, same steps
+    assert two.metrics["global_batch"] == one.metrics["global_batch"] == 6  # per-worker batch 3, same steps
+    # both workers switched levels at the same steps (else DDP would hang): each read half of every level
+    assert all(two.metrics[f"rows_read_{level}"] == NUM_TRAIN_VIDEOS for level in GRIDS)
+    assert two.metrics["level_num_snippets"] == one.metrics["level_num_snippets"]
+    assert 0 <= two.metrics["data_wait_share_rank1"] <= two.metrics["data_wait_share"] < 1
     _compare(one.metrics, two.metrics, ("loss_total", "loss_boundary", "loss_iou_reg", "val_loss_total"), 1e-5)
     # each worker decodes its half of the validation videos; the gathered detections score like one worker's
     assert two.metrics["val_average_mAP"] == pytest.approx(one.metrics["val_average_mAP"], abs=1e-3)
@@ -196,7 +214,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupte
         one_worker, shards_dir, tmp_path, monkeypatch):
     """The baseline's config on one worker, killed (SIGKILL) at the start of epoch 1: the restarted
     worker group resumes after epoch 0 with the restored model and SGD momentum, the same level
-    (t_lofi) and the same per-video loss sampling. Tolerance 1e-6: the same computation replayed."""
+    sequence (T, ST, S from global batch 3) and the same per-video loss sampling. Tolerance 1e-6:
+    the same computation replayed."""
     from pipelines.train import run
 
     cfg1, uninterrupted = one_worker
@@ -211,8 +230,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_matches_an_uninterrupte
     assert killed, "the worker never paused at epoch 1"
     checkpoints = sorted(p.name for p in (cfg.run.dir() / "ray" / "train").glob("epoch-*"))
     assert checkpoints == ["epoch-0000", "epoch-0001"]
-    assert resumed.metrics["global_batch"] == uninterrupted.metrics["global_batch"] == 2
-    assert resumed.metrics["level_num_snippets"] == 4
+    assert resumed.metrics["global_batch"] == uninterrupted.metrics["global_batch"] == 6
+    assert resumed.metrics["level_num_snippets"] == uninterrupted.metrics["level_num_snippets"] == 8
     _compare(uninterrupted.metrics, resumed.metrics,
              ("loss_total", "loss_boundary", "loss_iou_reg", "loss_classes", "val_loss_total"), 1e-6)
     _encoders_close(uninterrupted.artifacts["encoder"], resumed.artifacts["encoder"], atol=1e-6)
@@ -280,6 +299,7 @@ def test_train_head_learns_on_features_reports_map_and_resumes_by_name(shards_di
     assert m["epoch"] == 1 and m["global_batch"] == 4  # 8 training videos, batch 4, 2 epochs
     assert 0.0 <= m["val_average_mAP"] <= 1.0 and 0.0 <= m["val_mAP_0.50"] <= 1.0
     assert np.isfinite(m["val_loss_total"]) and m["loss_total"] > 0
+    assert m["rows_read_train"] == 8 and 0 <= m["data_wait_share"] < 1
     assert Path(result.artifacts["model"]) == cfg.run.dir() / "head" / "model.pt"
     head = build_head(cfg.head, feature_dim=8, num_snippets=8, num_classes=2)
     head.load_state_dict(torch.load(result.artifacts["model"], weights_only=True))
