@@ -17,6 +17,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train V2's controller polls its workers every 2 s by default, and a fit waits for a few polls
+# (start, each report, the end): 0.25 s cut a 2-fit test from 35 s to 26 s here. Tests run ~30 fits;
+# real jobs keep Ray's default. Set before any Ray process starts: every node and worker inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -159,7 +159,8 @@ def ray_job_cluster(tmp_path_factory):
     # point (after exactly one checkpoint); once the file exists no run pauses.
     gcs, dashboard = free_port(), free_port()
     pause_file = root / "train.paused"
-    node_env = {**base, **auth, "MLFLOW_TRACKING_URI": tracking_uri, "LOFI_TEST_PAUSE": f"1:{pause_file}"}
+    node_env = {**base, **auth, "MLFLOW_TRACKING_URI": tracking_uri, "LOFI_TEST_PAUSE": f"1:{pause_file}",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}  # tests/conftest.py
     common = ["--block", "--disable-usage-stats"]
     # Ray's session folder holds UNIX sockets, whose paths must stay under 108 bytes. Each node
     # has its own (as on separate machines): nodes sharing one unpack the same job packages into

@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 SMOKE = "deploy/configs/pipeline/demo_smoke.yaml"
 EPOCHS = 3
 ANET_TIOU = [0.5 + 0.05 * i for i in range(10)]
+# --no-full-end-to-end: the third branch is the same stages at the full level (~50 s more here);
+# `make demo` runs it, and its activation memory is still reported (from lofi.memory's planner)
+DEMO = ("lofi", "demo", "--smoke", "--no-full-end-to-end")
 BRANCH_STAGES = {"baseline": {"pretrain", "extract", "train_head", "detect"},
-                 "lofi": {"pretrain", "train", "extract", "train_head", "detect"},
-                 "full_end_to_end": {"pretrain", "train", "extract", "train_head", "detect"}}
+                 "lofi": {"pretrain", "train", "extract", "train_head", "detect"}}
 DEMO_CHILDREN = {"synth", "synth_clips", "prepare", "prepare_clips", "stage1/pretrain"} | {
     f"{branch}/{stage}" for branch, stages in BRANCH_STAGES.items() for stage in stages - {"pretrain"}}
 
@@ -105,11 +107,11 @@ def test_train_job_stopped_then_resubmitted_resumes_from_its_last_checkpoint(ray
 @pytest.fixture(scope="module")
 def demo(ray_job_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("cluster_demo") / "out"
-    _, output = ray_job_cluster.submit("lofi", "demo", "--smoke", "--out", str(out))
+    _, output = ray_job_cluster.submit(*DEMO, "--out", str(out))
     return out, json.loads((out / "report.json").read_text()), output
 
 
-def test_demo_job_reports_three_branches_with_scores_memory_and_times(demo):
+def test_demo_job_reports_its_branches_with_scores_memory_and_times(demo):
     out, report, output = demo
     for branch, stages in BRANCH_STAGES.items():
         b = report[branch]
@@ -124,7 +126,8 @@ def test_demo_job_reports_three_branches_with_scores_memory_and_times(demo):
         assert external["used"] is True and "clip set" in external["details"], external
     # the frozen encoder's head-only step < a step at the largest LoFi level < full fidelity end to end
     assert 0 < report["baseline"]["activation_memory_bytes"] < report["lofi"]["activation_memory_bytes"] \
-        < report["full_end_to_end"]["activation_memory_bytes"] == report["full_fidelity_activation_memory_bytes"]
+        < report["full_fidelity_activation_memory_bytes"]
+    assert "full_end_to_end" not in report
     assert len({report[b]["stage_seconds"]["pretrain"] for b in BRANCH_STAGES}) == 1  # one stage-1 run
     for key in ("synth", "synth_clips", "prepare", "prepare_clips"):
         assert report["data_seconds"][key] > 0, key
@@ -155,7 +158,7 @@ def test_demo_job_is_tracked_on_the_clusters_mlflow_server(demo, ray_job_cluster
 
 def test_a_resubmitted_demo_reuses_every_stage(demo, ray_job_cluster):
     out, first, _ = demo
-    _, output = ray_job_cluster.submit("lofi", "demo", "--smoke", "--out", str(out))
+    _, output = ray_job_cluster.submit(*DEMO, "--out", str(out))
     assert "reusing the synth output" in output and "reusing the synth_clips output" in output
     second = json.loads((out / "report.json").read_text())
     assert second["lofi"]["reused_stages"] == list(first["lofi"]["stage_seconds"])
