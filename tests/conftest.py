@@ -19,8 +19,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray Train V2's controller polls its workers every 2 s by default, and a fit waits for a few polls
 # (start, each report, the end): 0.25 s cut a 2-fit test from 35 s to 26 s here. Tests run ~30 fits;
-# real jobs keep Ray's default. Set before any Ray process starts: every node and worker inherits it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# real jobs keep Ray's default. Set in this process once the session's cluster has started
+# (`ray_cluster`): a TorchTrainer hands it from its own process to its controller. The sweep test
+# removes it while it runs (tests/tuning/test_sweep.py): with fast polls its trials end before the
+# kill it aims at them lands, and ASHA's rungs see another sequence.
+TRAIN_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -104,6 +107,7 @@ def ray_cluster():
             log_to_driver=False,
             configure_logging=False,
         )
+    os.environ.setdefault(*TRAIN_POLL)  # after the raylet started: see TRAIN_POLL
     yield ray
     ray.shutdown()
 

@@ -160,7 +160,7 @@ def ray_job_cluster(tmp_path_factory):
     gcs, dashboard = free_port(), free_port()
     pause_file = root / "train.paused"
     node_env = {**base, **auth, "MLFLOW_TRACKING_URI": tracking_uri, "LOFI_TEST_PAUSE": f"1:{pause_file}",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}  # tests/conftest.py
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}  # the jobs' fits poll fast: tests/conftest.py TRAIN_POLL
     common = ["--block", "--disable-usage-stats"]
     # Ray's session folder holds UNIX sockets, whose paths must stay under 108 bytes. Each node
     # has its own (as on separate machines): nodes sharing one unpack the same job packages into

@@ -82,6 +82,7 @@ def budget_between_s_lofi_and_full(pipeline: Path) -> float:
 
 
 def wait_for(path: Path, timeout_sec: float, proc: subprocess.Popen) -> None:
+    # polled every 0.05 s: the kill must land while the first trial still has epochs to train
     deadline = time.monotonic() + timeout_sec
     while time.monotonic() < deadline:
         if path.is_file() and path.stat().st_size > 0:
@@ -89,12 +90,23 @@ def wait_for(path: Path, timeout_sec: float, proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
             pytest.fail(f"the sweep exited ({proc.returncode}) before {path} appeared:\n"
                         f"{proc.stdout.read().decode(errors='replace')[-5000:]}")
-        time.sleep(0.5)
+        time.sleep(0.05)
     pytest.fail(f"{path} did not appear within {timeout_sec} s")
 
 
 @pytest.fixture(scope="module")
 def swept(ray_cluster, dataset, tmp_path_factory):
+    # Ray Train's default 2 s polls (tests/conftest.py TRAIN_POLL shortens them for other tests): with
+    # 0.25 s the trials' epochs end so fast that the kill and ASHA's rungs see another sequence
+    mp = pytest.MonkeyPatch()
+    mp.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    try:
+        yield run_sweep(ray_cluster, dataset, tmp_path_factory)
+    finally:
+        mp.undo()
+
+
+def run_sweep(ray_cluster, dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     pipeline, sweep = write_configs(tmp, dataset, ray_cluster.get_runtime_context().gcs_address)
     budget = budget_between_s_lofi_and_full(pipeline)
