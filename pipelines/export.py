@@ -41,7 +41,7 @@ import numpy as np
 
 from lofi.errors import LofiError, cli_errors
 from pipelines.features import (FEATURES_MANIFEST, feature_parts, features_location, read_features_manifest,
-                                video_features)
+                                replace_folder, video_features)
 from pipelines.shards import write_json_atomic
 
 ANNOTATIONS = "annotations.json"
@@ -174,9 +174,7 @@ def run(features_dir: str, out_dir: str | Path, opts: ExportOptions = ExportOpti
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         summary = write_export(features_dir, tmp, opts)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "out_dir": str(out)}

@@ -167,13 +167,15 @@ def _write_part_files(folder: Path, name: str, meta: pa.Table, padded: np.ndarra
 
 
 def commit_folder(tmp: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write the manifest into `tmp` last, then move `tmp` into place, replacing an older `out_dir`.
+    """Write the manifest into `tmp` last, then move `tmp` into place (`replace_folder`)."""
+    write_json_atomic(Path(tmp) / FEATURES_MANIFEST, manifest)
+    return replace_folder(tmp, out_dir)
 
-    The old folder is renamed aside before the new one moves in and removed after, so at every
-    moment `out_dir` is either the old complete folder, absent, or the new complete one.
-    """
+
+def replace_folder(tmp: str | Path, out_dir: str | Path) -> Path:
+    """Move the complete folder `tmp` into place as `out_dir`, replacing an older one: the old folder is
+    renamed aside first and removed after, so `out_dir` is always the old folder, absent, or the new one."""
     tmp, out_dir = Path(tmp), Path(out_dir)
-    write_json_atomic(tmp / FEATURES_MANIFEST, manifest)
     old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
     if out_dir.exists():
         out_dir.rename(old)

@@ -350,10 +350,9 @@ def with_frames_tensor(table: pa.Table, shape: list[int] | None = None) -> pa.Ta
     tensor_type = pa.fixed_shape_tensor(pa.uint8(), shape)
     chunks = []
     for chunk in table.column("frames").chunks:
-        width = chunk.type.byte_width
-        values = pa.Array.from_buffers(pa.uint8(), len(chunk) * width, [None, chunk.buffers()[1]],
-                                       offset=chunk.offset * width)
-        chunks.append(pa.ExtensionArray.from_storage(tensor_type, pa.FixedSizeListArray.from_arrays(values, width)))
+        width = chunk.type.byte_width  # a view of the chunk's data buffer: _tensor wraps it uncopied
+        pixels = np.frombuffer(chunk.buffers()[1], np.uint8, count=len(chunk) * width, offset=chunk.offset * width)
+        chunks.append(_tensor(pixels, shape, pa.uint8()))
     column = pa.chunked_array(chunks, type=tensor_type)
     return table.set_column(table.schema.get_field_index("frames"), pa.field("frames", tensor_type), column)
 
