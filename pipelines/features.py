@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
 from pipelines.shards import part_name, write_json_atomic
-from pipelines.storage import Location, location
+from pipelines.storage import Location, location, read_parquet
 
 FEATURES_SCHEMA_VERSION = 1
 FEATURES_MANIFEST = "features_manifest.json"
@@ -363,9 +363,7 @@ def feature_parts(features_dir: str | Path | Location, manifest: dict[str, Any] 
     manifest = manifest or read_features_manifest(features_dir)
     schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
     for name in manifest["files"]:
-        loc = features_location(features_dir) / name
-        with loc._errors("read"):
-            yield pq.read_table(loc.path, schema=schema, filesystem=loc.fs)
+        yield read_parquet(str(features_location(features_dir) / name), key="run.storage", schema=schema)
 
 
 def read_features(features_dir: str | Path | Location, subset: str | None = None,

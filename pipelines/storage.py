@@ -374,10 +374,12 @@ def local_file(text: str | None, key: str) -> str | None:
     return str(loc.local_copy())
 
 
-def read_parquet(path: str | Path, columns: list[str] | None = None, key: str = "data.shards") -> pa.Table:
-    """One Parquet file (a path or URI) with plain pyarrow, through the bucket's cached filesystem."""
+def read_parquet(path: str | Path, columns: list[str] | None = None, key: str = "data.shards",
+                 schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file (a path or URI) with plain pyarrow, through the bucket's cached filesystem;
+    `schema`: the file's expected schema (e.g. extension types to read the columns as)."""
     import pyarrow.parquet as pq
 
     loc = location(str(path), key)
     with loc._errors("read"):
-        return pq.read_table(loc.path, columns=columns, filesystem=loc.fs)
+        return pq.read_table(loc.path, columns=columns, filesystem=loc.fs, schema=schema)
