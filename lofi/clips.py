@@ -3,7 +3,8 @@
 Clips are uint8 `(B, F, H, W, C)` (what stage 1 feeds `ClipClassifier`). Every augmentation
 here keeps the label true for motion-defined classes: a temporal window keeps the frame
 spacing (a speed is still the same speed), a square crop resized back keeps directions
-(no flip: a mirror would turn move_left into move_right).
+(no flip: a mirror would turn move_left into move_right); a batch resized to a smaller side
+(multi-scale training) keeps every motion too.
 """
 
 from __future__ import annotations
@@ -29,14 +30,29 @@ def temporal_window(clips: torch.Tensor, frames: int, jitter: bool) -> torch.Ten
     return clips[torch.arange(clips.shape[0])[:, None], index.to(clips.device)]  # (B, frames, H, W, C)
 
 
-def random_resized_crop(clips: torch.Tensor, min_scale: float) -> torch.Tensor:
-    """Per clip, one crop of area scale * H * W (scale uniform in [min_scale, 1], torch's RNG; the
-    aspect kept) at a random position, the same in all its frames, resized back to H x W
-    (bilinear, antialiased); uint8 in and out."""
+def random_side(size_px: int, min_scale: float) -> int:
+    """Multi-scale training: a side of round(size_px * u) px, u uniform in [min_scale, 1] (torch's RNG),
+    for one whole batch (its clips must share a size). Spatially reduced fidelity levels show the
+    encoder smaller frames (S-LoFi halves the side); meeting objects at those sizes in stage 1 keeps
+    its features at the reduced levels close to those at full fidelity."""
     if min_scale >= 1.0:
-        return clips
+        return size_px
+    return max(2, round(size_px * (min_scale + (1.0 - min_scale) * float(torch.rand(())))))
+
+
+def random_resized_crop(clips: torch.Tensor, min_scale: float, size_px: int | None = None) -> torch.Tensor:
+    """Per clip, one crop of area scale * H * W (scale uniform in [min_scale, 1], torch's RNG; the
+    aspect kept) at a random position, the same in all its frames, resized to `size_px` x `size_px`
+    (default: back to H x W; bilinear, antialiased); uint8 in and out."""
     b, f, h, w, c = clips.shape
-    out = torch.empty_like(clips)
+    out_h, out_w = (h, w) if size_px is None else (size_px, size_px)
+    if min_scale >= 1.0:
+        if (out_h, out_w) == (h, w):
+            return clips
+        frames = clips.reshape(b * f, h, w, c).permute(0, 3, 1, 2).float()  # (B*F, C, H, W)
+        resized = F.interpolate(frames, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(b, f, out_h, out_w, c)
+    out = torch.empty((b, f, out_h, out_w, c), dtype=clips.dtype, device=clips.device)
     scales = min_scale + (1.0 - min_scale) * torch.rand(b)
     for i in range(b):
         side_h = max(2, round(h * float(scales[i]) ** 0.5))
@@ -44,8 +60,8 @@ def random_resized_crop(clips: torch.Tensor, min_scale: float) -> torch.Tensor:
         top = int(torch.randint(0, h - side_h + 1, (1,)))
         left = int(torch.randint(0, w - side_w + 1, (1,)))
         crop = clips[i, :, top:top + side_h, left:left + side_w].permute(0, 3, 1, 2).float()  # (F, C, h', w')
-        resized = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        out[i] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (F, H, W, C)
+        resized = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+        out[i] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (F, H', W', C)
     return out
 
 

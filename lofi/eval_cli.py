@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", metavar="P.json",
                    help="predictions {results: {video_id: [{label, score, segment}]}}")
     p.add_argument("--subset",
-                   help="ground-truth subset to score: training, validation or testing (default validation)")
+                   help="ground-truth subset to score: training, validation, testing or tuning (default validation)")
+    p.add_argument("--tuning-videos", metavar="FILE",
+                   help="the tuning split: the shards' manifest.json (`lofi prepare` with prepare.tuning_fraction) or a "
+                        "file of video ids (JSON list or one per line); those training videos form subset tuning")
     p.add_argument("--protocol", choices=("anet", "thumos"),
                    help="tIoU thresholds: anet = 0.50:0.05:0.95 (default), thumos = 0.3:0.1:0.7")
     p.add_argument("--tiou", type=_tiou_list, metavar="T1,T2,...", help="explicit tIoU thresholds; override --protocol")
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = ("ground_truth", "predictions", "subset", "protocol", "tiou", "blocked", "metadata", "labels",
-             "proposals", "max_avg_proposals", "skip_invalid")
+             "proposals", "max_avg_proposals", "skip_invalid", "tuning_videos")
 
 
 def _table(result: dict[str, Any], per_class: bool) -> str:

@@ -43,19 +43,38 @@ from lofi.errors import LofiError
 
 @dataclass(frozen=True)
 class FidelityLevel:
-    """One fidelity: T snippets x F frames per snippet at S x S pixels."""
+    """One fidelity: T snippets x F frames per snippet at S x S pixels.
+
+    `spacing_snippets` G: a snippet's F frames are spaced as on a grid of G snippets, centred on
+    the snippet (lofi.sampling). 0 (or T): they fill the snippet, so at fewer snippets the frames
+    lie further apart. G = the full level's T: T-LoFi takes fewer snippets of the same short
+    clips, and the encoder meets motion at the speed it meets it at full fidelity."""
 
     name: str
     num_snippets: int
     frames_per_snippet: int = 8
     size_px: int = 224
+    spacing_snippets: int = 0
 
     def __post_init__(self) -> None:
         for key in ("num_snippets", "frames_per_snippet", "size_px"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.spacing_snippets and self.spacing_snippets < self.num_snippets:
+            raise ValueError(f"spacing_snippets must be 0 (frames fill the snippet) or >= num_snippets "
+                             f"({self.num_snippets}), got {self.spacing_snippets}")
         if not self.name:
             raise ValueError("name must not be empty")
+
+    @property
+    def frame_grid(self) -> int:
+        """G: the grid whose frame spacing the level keeps (its own T when spacing_snippets is 0)."""
+        return self.spacing_snippets or self.num_snippets
+
+    def same_frames(self, other: "FidelityLevel") -> bool:
+        """Whether both levels sample the same frames of a video (names aside)."""
+        return (self.num_snippets, self.frames_per_snippet, self.size_px, self.frame_grid) == (
+            other.num_snippets, other.frames_per_snippet, other.size_px, other.frame_grid)
 
     @property
     def frames_per_video(self) -> int:
@@ -87,6 +106,7 @@ class LevelOverride:
     num_snippets: int | None = None
     frames_per_snippet: int | None = None
     size_px: int | None = None
+    spacing_snippets: int | None = None  # frames spaced as on a grid of this many snippets (0: fill the snippet)
 
 
 def resolve_level(name: str, overrides: dict[str, LevelOverride] | None = None) -> FidelityLevel:
@@ -95,7 +115,7 @@ def resolve_level(name: str, overrides: dict[str, LevelOverride] | None = None) 
     changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
     if name in PRESETS:
         base = PRESETS[name]
-    elif len(changes) == 3:
+    elif {"num_snippets", "frames_per_snippet", "size_px"} <= set(changes):
         base = FidelityLevel(name, **changes)
     else:
         missing = sorted({"num_snippets", "frames_per_snippet", "size_px"} - set(changes))

@@ -8,7 +8,11 @@ Two snippet grids, both following the convention of `lofi.fidelity`:
   T = ceil(duration_sec / stride_sec), the last one possibly running past the end.
 
 Inside a snippet, its F frames sit at the centres of F equal sub-bins: frame f of snippet
-t is at time (t + (f + 0.5) / F) * d. Times become frame indices through the source frame
+t is at time (t + (f + 0.5) / F) * d. A grid level may instead keep the frame spacing of a
+finer grid of G >= T snippets (`spacing_snippets` G, e.g. the full level's T at T-LoFi): its
+F frames are then duration / (G * F) apart, centred on the snippet's centre, so a level with
+fewer snippets takes fewer, not sparser, frames and every snippet shows motion at the speed
+the full level shows it. Times become frame indices through the source frame
 rate: frame i is shown at i / fps, the index is the nearest frame (round half up), clipped
 to [0, num_frames - 1] so that instants past the last decodable frame repeat it. This
 assumes a constant frame rate, which is what `fps` in the annotations and in decord's
@@ -26,14 +30,23 @@ import numpy as np
 _STRIDE_EPS = 1e-9
 
 
-def grid_times_sec(duration_sec: float, num_snippets: int, frames_per_snippet: int) -> np.ndarray:
-    """Sample instants (T, F) of the fixed-length grid: T snippets covering the video evenly."""
+def grid_times_sec(duration_sec: float, num_snippets: int, frames_per_snippet: int,
+                   spacing_snippets: int = 0) -> np.ndarray:
+    """Sample instants (T, F) of the fixed-length grid: T snippets covering the video evenly, each
+    snippet's frames spaced as on a grid of `spacing_snippets` (0: T, frames fill the snippet)."""
     if duration_sec <= 0:
         raise ValueError(f"duration_sec must be > 0, got {duration_sec}")
     if num_snippets < 1 or frames_per_snippet < 1:
         raise ValueError(f"num_snippets and frames_per_snippet must be >= 1, got {num_snippets}, {frames_per_snippet}")
+    if spacing_snippets and spacing_snippets < num_snippets:
+        raise ValueError(f"spacing_snippets must be 0 or >= num_snippets ({num_snippets}), got {spacing_snippets}")
     snippet_sec = duration_sec / num_snippets
-    return _centred_times(num_snippets, frames_per_snippet, snippet_sec)
+    times = _centred_times(num_snippets, frames_per_snippet, snippet_sec)
+    if not spacing_snippets or spacing_snippets == num_snippets:
+        return times
+    centres = (np.arange(num_snippets, dtype=np.float64)[:, None] + 0.5) * snippet_sec  # (T, 1)
+    offsets = np.arange(frames_per_snippet, dtype=np.float64)[None, :] - (frames_per_snippet - 1) / 2  # (1, F)
+    return centres + offsets * duration_sec / (spacing_snippets * frames_per_snippet)  # (T, F)
 
 
 def num_stride_snippets(duration_sec: float, stride_sec: float) -> int:

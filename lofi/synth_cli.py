@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lofi.config import add_config_arguments, load_config
-from lofi.errors import cli_errors
+from lofi.errors import LofiError, cli_errors
 from lofi.synth import MOTION_CLASSES, SCENES, SynthConfig, generate
 
 # flag -> SynthConfig field; a flag given on the command line wins over --config and --set.
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset already in OUT (its synth_*.mp4 files and annotations)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_workers_argument(parser)
     add_config_arguments(parser)
     parser.epilog = (
         f"The x264 quality (crf, default {d.crf}) is set with --set crf=N or a YAML --config file; explicit "
@@ -76,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="processes that render and encode (default 0: one per core, up to 8); every file is "
+                             "drawn from its own seed, so any number writes the same bytes")
+
+
 def run_generator(args: argparse.Namespace, config_cls: type, flag_fields: dict[str, str], make) -> int:
     """The body of `lofi synth` and `lofi synth-clips`: config from --config, --set and the flags
     (flags win), then `make(out, cfg, overwrite=, progress=)` and its summary printed."""
     overrides: list = list(args.overrides)
     overrides += [(key, getattr(args, flag)) for flag, key in flag_fields.items() if getattr(args, flag) is not None]
     cfg = load_config(config_cls, args.config, overrides)
-    summary = make(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    if args.workers < 0:
+        raise LofiError(f"--workers {args.workers}: use 0 (one per core) or a positive number")
+    summary = make(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet, workers=args.workers)
     print("\n".join(summary.lines()))
     return 0
 

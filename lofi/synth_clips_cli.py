@@ -7,7 +7,7 @@ import argparse
 from lofi.config import add_config_arguments
 from lofi.errors import cli_errors
 from lofi.synth import MOTION_CLASSES, ClipSynthConfig, generate_clips
-from lofi.synth_cli import run_generator
+from lofi.synth_cli import add_workers_argument, run_generator
 
 # flag -> ClipSynthConfig field; a flag given on the command line wins over --config and --set.
 FLAG_FIELDS: dict[str, str] = {
@@ -17,6 +17,7 @@ FLAG_FIELDS: dict[str, str] = {
     "fps": "fps",
     "clip_sec": "clip_sec",
     "val_fraction": "val_fraction",
+    "still_class": "still_class",
 }
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace clips already in OUT (its videos/clip_*.mp4 files and clips.csv)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--still", dest="still_class", action="store_true", default=None,
+                        help="add a class 'still' of clips in which nothing acts (a TAL video's background)")
+    add_workers_argument(parser)
     add_config_arguments(parser)
     parser.epilog = (f"The x264 quality (crf, default {d.crf}) is set with --set crf=N or a YAML --config file; "
                      "explicit flags above win over both.")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import ray
 
+from pipelines.logs import reroute_loggers
 from pipelines.tracking.tracker import stop_on_sigterm
 
 
@@ -33,6 +34,7 @@ def connect_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_config=ray.LoggingConfig(log_level="WARNING"))
+    reroute_loggers()  # ray.init installs handlers of its own; a command's log file (pipelines.logs) takes them
     stop_on_sigterm()  # `ray job stop`: runs end KILLED
 
 
@@ -44,3 +46,4 @@ def quiet_data_output() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     context.print_on_execution_start = False
+    reroute_loggers()

@@ -107,6 +107,9 @@ class DataSection:
     pretrain_clip_frames: int = 0  # frames per training clip: a random window of a longer stored clip (temporal
     #                                jitter; validation takes the centred one); 0: all frames of a snippet
     pretrain_min_crop_scale: float = 1.0  # scale jitter: random crops of [this, 1] of the frame area, resized back
+    # multi-scale training: each training batch resized to a side of [this, 1] x S (uniform, one draw per batch),
+    # so the encoder meets objects at the sizes spatially reduced levels show (S-LoFi: 0.5); 1: full size only
+    pretrain_min_side_scale: float = 1.0
     pretrain_balanced: bool = True  # class-balanced cross-entropy weights (N / (K * n_k)) from the training clips
     # training datasets whose decoded frames (or features) fit in this many MiB are read once on the driver
     # into Ray's object store, so epochs skip reading and decoding shards; larger ones stream from the
@@ -133,6 +136,9 @@ class DataSection:
             raise ValueError(f"pretrain_clip_frames must be >= 0 (0: all frames), got {self.pretrain_clip_frames}")
         if not 0 < self.pretrain_min_crop_scale <= 1:
             raise ValueError(f"pretrain_min_crop_scale must be in (0, 1] (1: no crop), got {self.pretrain_min_crop_scale}")
+        if not 0 < self.pretrain_min_side_scale <= 1:
+            raise ValueError(f"pretrain_min_side_scale must be in (0, 1] (1: full size only), got "
+                             f"{self.pretrain_min_side_scale}")
         for key in ("shards", "pretrain_shards"):  # paths or object-store URIs (pipelines.storage)
             problem = getattr(self, key) and uri_problem(getattr(self, key))
             if problem:
@@ -222,6 +228,10 @@ class PrepareSection:
     annotation_errors: Literal["raise", "skip", "keep"] = "raise"  # invalid entries: report all, drop, or keep as written
     subsets: tuple[str, ...] = ()  # prepare only these subsets of the TAL videos; empty: all
     storage: Literal["uint8", "jpeg"] = "uint8"  # frames in the shards; JPEG is ~10x smaller (ActivityNet: TBs)
+    # the tuning split (lofi.splits): this share of the training videos becomes subset "tuning", drawn per
+    # run.seed and left out of training, for choosing levels, recipes and sweeps (`--set data.val_subset=tuning`
+    # scores there; `lofi sweep` does by default), so the validation videos are scored only at the end; 0: none
+    tuning_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "videos_per_part", "clip_videos_per_part", "clip_frames_per_snippet"):
@@ -229,6 +239,8 @@ class PrepareSection:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        if not 0 <= self.tuning_fraction < 1:
+            raise ValueError(f"tuning_fraction must be in [0, 1) (0: no tuning split), got {self.tuning_fraction}")
 
 
 @dataclass(frozen=True)

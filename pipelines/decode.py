@@ -150,7 +150,8 @@ def level_times(level: dict[str, Any], duration_sec: float) -> np.ndarray:
     """Sample instants (T, F) of a level for a video."""
     if level.get("snippet_stride_sec"):
         return sampling.stride_times_sec(duration_sec, level["snippet_stride_sec"], level["frames_per_snippet"])
-    return sampling.grid_times_sec(duration_sec, level["num_snippets"], level["frames_per_snippet"])
+    return sampling.grid_times_sec(duration_sec, level["num_snippets"], level["frames_per_snippet"],
+                                   level.get("spacing_snippets") or 0)
 
 
 def _decode_levels(item: dict[str, Any], levels: list[dict[str, Any]], options: dict[str, Any]) -> list[dict[str, Any]]:

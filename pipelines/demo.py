@@ -55,8 +55,11 @@ SYNTH = {"num_videos": 140, "val_fraction": 0.25, "min_duration_sec": 24.0, "max
 SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "max_duration_sec": 16.0,
                "min_instance_sec": 2.0, "max_instance_sec": 4.0, "fps": 8.0, "scene": "simple"}
 # Stage 1's own trimmed clips (lofi.synth.ClipSynthConfig fields), as Kinetics is the paper's stage 1.
-CLIPS = {"num_clips": 4000}
-SMOKE_CLIPS = {"num_clips": 24}
+# "still": clips where nothing acts, a class of their own (lofi.synth.clips: without one, stage 1 can tell
+# rotate apart by elimination and never represent a turning object)
+CLIPS = {"num_clips": 2800, "still_class": True}
+LOG_FILE = "lofi.log"  # Ray's and MLflow's own messages (pipelines.logs), in OUT
+SMOKE_CLIPS = {"num_clips": 28, "still_class": True}
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class DemoOptions:
     clips: int | None = None  # stage 1's trimmed clips
     seed: int | None = None  # seeds the dataset and training (run.seed)
     full_end_to_end: bool = True  # the third row: stage 2 at full fidelity (the upper bound LoFi approximates)
+    ablation: bool = False  # the paper's ablation rows: each reduced level alone, C-LoFi's other cycle
     smoke: bool = False
     overwrite: bool = False
 
@@ -187,7 +191,8 @@ def run(opts: DemoOptions) -> dict[str, Any]:
         parent.log_config(cfg)
         data_seconds = make_data(cfg, opts, parent)
         report = pipeline.run(cfg, pipeline.PipelineOptions(baseline=True, full_end_to_end=opts.full_end_to_end,
-                                                            log_prefix="lofi demo"), parent, data_seconds)
+                                                            ablation=opts.ablation, log_prefix="lofi demo"),
+                              parent, data_seconds)
     report["total_seconds"] = round(time.perf_counter() - start, 2)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"lofi demo: report in {out / 'report.json'}; files in {out}: data/ (videos, annotations.json), clips/ "
@@ -231,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-full-end-to-end", dest="full_end_to_end", action="store_false",
                         help="skip the third row, stage 2 at full fidelity (the upper bound LoFi approximates; on a "
                              "GPU it may not fit in memory, which is the point of LoFi)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="add the paper's ablation rows, from the same stage-1 encoder with the same head recipe: "
+                             "T-LoFi, S-LoFi and ST-LoFi alone and C-LoFi with the short cycle (about 8 more "
+                             "minutes; bench/lofi_effect.py runs it over seeds)")
     parser.add_argument("--seed", type=int, metavar="S",
                         help="seed of the synthetic dataset and of training (run.seed; default: the config's)")
     parser.add_argument("--smoke", action="store_true",
@@ -247,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.videos is not None and args.videos < 2:
         raise LofiError("--videos must be at least 2 (a training and a validation video)")
-    run(DemoOptions(out=args.out, config=args.config, overrides=tuple(args.overrides), videos=args.videos,
-                    clips=args.clips, seed=args.seed, smoke=args.smoke, overwrite=args.overwrite,
-                    full_end_to_end=args.full_end_to_end))
+    from pipelines.logs import output_to
+
+    with output_to(Path(args.out) / LOG_FILE, "lofi demo"):
+        run(DemoOptions(out=args.out, config=args.config, overrides=tuple(args.overrides), videos=args.videos,
+                        clips=args.clips, seed=args.seed, smoke=args.smoke, overwrite=args.overwrite,
+                        full_end_to_end=args.full_end_to_end, ablation=args.ablation))
     return 0

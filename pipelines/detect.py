@@ -165,21 +165,33 @@ def ground_truth_path(cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
     return path
 
 
-def evaluate(cfg: PipelineConfig, gt: str, predictions: Location) -> tuple[dict[str, Any], tuple[str, ...]]:
+def tuning_ids(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The tuning split's videos of the shards the features came from (lofi.splits): the ground truth file
+    still calls them training videos."""
+    from pipelines import shards
+
+    source = manifest.get("shards")
+    if not source:
+        return ()
+    return tuple(shards.read_manifest(source).get("tuning", {}).get("video_ids", ()))
+
+
+def evaluate(cfg: PipelineConfig, gt: str, predictions: Location,
+             tuning: tuple[str, ...] = ()) -> tuple[dict[str, Any], tuple[str, ...]]:
     from lofi.annotations_cli import quiet_annotation_log
     from lofi.evaluation import EvalConfig, run_eval
 
     with quiet_annotation_log(), predictions.as_local_file() as path:
         return run_eval(EvalConfig(ground_truth=gt, predictions=str(path), subset=detect_subset(cfg),
-                                   protocol=cfg.detect.protocol))
+                                   protocol=cfg.detect.protocol), tuning_ids=tuning)
 
 
-def score(cfg: PipelineConfig, gt: str | None, predictions_path: Location,
-          tracker) -> tuple[dict[str, Any], dict[str, float], tuple[str, ...]]:
+def score(cfg: PipelineConfig, gt: str | None, predictions_path: Location, tracker,
+          manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], tuple[str, ...]]:
     """(eval.json's object or {} without ground truth, mAP metrics, warnings); eval.json written beside the predictions."""
     if gt is None:
         return {}, {}, ()
-    result, warnings = evaluate(cfg, gt, predictions_path)
+    result, warnings = evaluate(cfg, gt, predictions_path, tuning_ids(manifest))
     (detect_dir(cfg) / "eval.json").write_text(json.dumps(result))
     tracker.log_bytes(json.dumps(result).encode(), "eval.json")
     metrics = {"average_mAP": result["average_mAP"],
@@ -228,7 +240,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
                                   "results": results}).encode()
         predictions_path.write_bytes(predictions)
         tracker.log_bytes(predictions, "predictions.json")
-        result, scores, warnings = score(cfg, gt, predictions_path, tracker)
+        result, scores, warnings = score(cfg, gt, predictions_path, tracker, manifest)
         seconds = time.perf_counter() - start
         metrics = {**scores, "seconds": seconds, "videos": float(table.num_rows)}
         tracker.log_metrics(metrics, step=0)

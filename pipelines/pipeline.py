@@ -15,6 +15,9 @@ holds every stage as a child run `<branch>/<stage>`):
                    lofi             stage 2 on the config's fidelity schedule (always)
                    baseline         no stage 2: the frozen encoder (--baseline)
                    full_end_to_end  stage 2 at full fidelity, the upper bound (--full-end-to-end)
+                   t_lofi, s_lofi, st_lofi, c_lofi_long, c_lofi_short
+                                    the paper's ablation (--ablation): each reduced level
+                                    alone, and C-LoFi with either cycle at the same steps
     4. report    `<run>/report.json` (pipelines.report), the table, and the MLflow UI command.
 
 Layout under `<run>` = `run.storage/run.name`: `prepared/`, `prepared_clips/` (when the
@@ -59,18 +62,50 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train_head": ("pipelines.train_head", ("run.seed", "data", "head", "train_head", "scaling")),
     "detect": ("pipelines.detect", ("data", "head", "detect")),
 }
-# branch -> stage-2 overrides; None: no stage 2 (the frozen starting encoder)
-BRANCHES: dict[str, tuple[tuple[str, Any], ...] | None] = {
+Overrides = tuple[tuple[str, Any], ...]
+
+
+def _kind(kind: str):
+    def overrides(cfg: PipelineConfig) -> Overrides:
+        return (("fidelity.kind", kind),)
+    return overrides
+
+
+def _cycle(cycle: str):
+    """C-LoFi with the given cycle, at the same number of training steps: a short cycle's epoch is one
+    pass at every level (lofi.fidelity), so it takes a third of the long cycle's epochs."""
+    def overrides(cfg: PipelineConfig) -> Overrides:
+        factor = {("epoch", "batches"): 1 / 3, ("batches", "epoch"): 3}.get((cfg.fidelity.cycle, cycle), 1)
+        epochs = {k: max(1, round(getattr(cfg.train, k) * factor)) for k in ("epochs", "lr_step_epochs")}
+        return (("fidelity.kind", "c_lofi"), ("fidelity.cycle", cycle), *(("train." + k, v) for k, v in epochs.items()))
+    return overrides
+
+
+def _same(cfg: PipelineConfig) -> Overrides:
+    return ()
+
+
+# branch -> its stage-2 overrides (a function of the config); None: no stage 2 (the frozen starting encoder).
+# lofi is the config's own schedule; the ablation branches (the paper's Table 2: each reduced level alone and
+# both C-LoFi cycles) run with --ablation, those that train what lofi trains left out.
+BRANCHES: dict[str, Any] = {
     "baseline": None,
-    "lofi": (),
-    "full_end_to_end": (("fidelity.kind", "full"),),
+    "lofi": _same,
+    "full_end_to_end": _kind("full"),
+    "t_lofi": _kind("t_lofi"),
+    "s_lofi": _kind("s_lofi"),
+    "st_lofi": _kind("st_lofi"),
+    "c_lofi_long": _cycle("epoch"),
+    "c_lofi_short": _cycle("batches"),
 }
+ABLATION = ("t_lofi", "s_lofi", "st_lofi", "c_lofi_long", "c_lofi_short")
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     baseline: bool = False  # add the frozen-encoder branch
     full_end_to_end: bool = False  # add stage 2 at full fidelity
+    ablation: bool = False  # add each reduced level alone and both C-LoFi cycles (ABLATION)
     from_stage: str = ""  # rerun this stage and every later one
     log_prefix: str = "lofi pipeline"
 
@@ -78,15 +113,30 @@ class PipelineOptions:
         if self.from_stage and self.from_stage not in STAGE_ORDER:
             raise LofiError(f"--from {self.from_stage}: not a stage; stages in order: {', '.join(STAGE_ORDER)}")
 
-    def branches(self) -> list[str]:
-        return [b for b in BRANCHES if b == "lofi" or (b == "baseline" and self.baseline)
-                or (b == "full_end_to_end" and self.full_end_to_end)]
+    def extra_levels(self, cfg: PipelineConfig) -> tuple[Any, ...]:
+        """Levels the chosen branches train on beyond the config's schedule (the ablation's)."""
+        from lofi.fidelity import FidelitySchedule
+
+        names = {b: stage2_config(cfg, b) for b in self.branches(cfg) if BRANCHES[b] is not None}
+        return tuple(level for c in names.values() for level in FidelitySchedule(c.fidelity).levels())
+
+    def branches(self, cfg: PipelineConfig) -> list[str]:
+        """The branches to run, in table order; an ablation branch that trains what `lofi` trains is left out."""
+        chosen = [b for b in BRANCHES if b == "lofi" or (b == "baseline" and self.baseline)
+                  or (b == "full_end_to_end" and self.full_end_to_end) or (b in ABLATION and self.ablation)]
+        lofi = stage2_config(cfg, "lofi")
+        return [b for b in chosen if b not in ABLATION or stage2_config(cfg, b) != lofi]
 
     def forced(self, stage: str) -> bool:
         """Whether --from makes `stage` run again whatever its record says. The stages after it run
         again because their input did; a branch without that stage (the baseline has no stage 2) is
         reused where nothing it depends on ran again."""
         return stage == self.from_stage
+
+
+def stage2_config(cfg: PipelineConfig, branch: str) -> PipelineConfig:
+    """The config a branch's stage 2 trains with (the `fidelity` and `train` sections are what differ)."""
+    return replace(cfg, list(BRANCHES[branch](cfg)))
 
 
 @dataclass
@@ -176,11 +226,12 @@ def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> 
     out: dict[str, Any] = {}
 
     def make(annotations: str, videos: str, output: str, levels: list[dict[str, Any]], per_part: int,
-             subsets: tuple[str, ...] = ()) -> Any:
+             subsets: tuple[str, ...] = (), tuning: float = 0.0) -> Any:
         levels = [{**level, "storage": cfg.prepare.storage} for level in levels]
         return from_dict(PrepareConfig, {
             "input": {"annotations": annotations, "videos": videos, "metadata": cfg.prepare.metadata,
-                      "subsets": list(subsets), "annotation_errors": cfg.prepare.annotation_errors},
+                      "subsets": list(subsets), "annotation_errors": cfg.prepare.annotation_errors,
+                      "tuning_fraction": tuning, "tuning_seed": cfg.run.seed},
             "output": output, "levels": levels, "num_workers": cfg.prepare.num_workers,
             "videos_per_part": per_part, "max_error_fraction": cfg.prepare.max_error_fraction,
             "ray": to_dict(cfg.ray)})
@@ -188,12 +239,14 @@ def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> 
     if cfg.data.videos:
         names = [cfg.data.full_level] + [level.name for level in FidelitySchedule(cfg.fidelity).levels()]
         levels = []
-        resolved = [resolve_level(name, cfg.fidelity.overrides) for name in dict.fromkeys(names)]
-        for level in [*resolved, *extra_levels]:
+        resolved = {name: resolve_level(name, cfg.fidelity.overrides) for name in names}
+        resolved.update((level.name, level) for level in extra_levels if level.name not in resolved)
+        for level in resolved.values():
             levels.append({"name": level.name, "num_snippets": level.num_snippets,
-                           "frames_per_snippet": level.frames_per_snippet, "size_px": level.size_px})
+                           "frames_per_snippet": level.frames_per_snippet, "size_px": level.size_px,
+                           "spacing_snippets": level.spacing_snippets})
         out["prepare"] = make(cfg.data.annotations, cfg.data.videos, cfg.data.shards, levels,
-                              cfg.prepare.videos_per_part, cfg.prepare.subsets)
+                              cfg.prepare.videos_per_part, cfg.prepare.subsets, cfg.prepare.tuning_fraction)
     if cfg.data.pretrain_annotations:
         full = cfg.head_level()
         clip = {"name": "clip", "num_snippets": 1, "size_px": full.size_px,
@@ -339,12 +392,12 @@ def run_branches(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str 
     at_root = [("run.storage", str(root))]
     stage1, start, encoder = run_stage1(cfg, opts, parent_run_id, prepared)
     branches: dict[str, dict[str, Stage]] = {}
-    for name in opts.branches():
+    for name in opts.branches(cfg):
         branch_cfg = replace(cfg, [*at_root, ("run.name", name), ("encoder.checkpoint", encoder)])
         branches[name] = {"pretrain": stage1} if stage1 else {}
         upstream = start
         if BRANCHES[name] is not None:
-            upstream = branches[name]["train"] = run_stage("train", replace(branch_cfg, list(BRANCHES[name])),
+            upstream = branches[name]["train"] = run_stage("train", stage2_config(branch_cfg, name),
                                                            start, parent_run_id, opts, root)
             branch_cfg = replace(branch_cfg, [("encoder.checkpoint", upstream.result.artifacts["encoder"])])
         for stage in ("extract", "train_head", "detect"):
@@ -372,7 +425,7 @@ def run(cfg: PipelineConfig, opts: PipelineOptions, parent: Any = None,
     root = cfg.run.location()
     seconds = dict(data_seconds or {})
     prepared = {}
-    for name, pcfg in prepare_configs(cfg).items():
+    for name, pcfg in prepare_configs(cfg, opts.extra_levels(cfg)).items():
         prepared[name] = run_prepare(name, pcfg, parent, opts, root)
         seconds[name] = prepared[name].seconds
     stage1, branches = run_branches(cfg, opts, parent.run_id, prepared)
@@ -399,6 +452,12 @@ def finish(cfg: PipelineConfig, opts: PipelineOptions, parent: Any, stage1: Stag
     return report
 
 
+def log_path(cfg: PipelineConfig) -> Path:
+    """`<run>/lofi.log` for Ray's and MLflow's own messages; with an object-store run folder, ./lofi-<name>.log."""
+    run = cfg.run.location()
+    return Path(run.uri) / "lofi.log" if run.is_local else Path(f"lofi-{cfg.run.name}.log").resolve()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofi pipeline",
@@ -422,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full-end-to-end", action="store_true",
                         help="add stage 2 at full fidelity, the upper bound LoFi approximates (it needs the most "
                              "memory: see `lofi plan-memory`)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="add the paper's ablation branches, each from the same starting encoder and with the "
+                             "same head recipe: T-LoFi, S-LoFi and ST-LoFi alone, and C-LoFi with the long (per "
+                             "epoch) and the short (every fidelity.every_batches batches, a third of the epochs: the "
+                             "same steps) cycle; one that trains what the lofi branch trains is left out")
     parser.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, metavar="STAGE",
                         help=f"rerun this stage and every later one ({', '.join(STAGE_ORDER)}); earlier ones are "
                              "reused when unchanged")
@@ -430,8 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors("pipeline")
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.logs import output_to
+
     args = build_parser().parse_args(argv)
     cfg = config_from_args(PipelineConfig, args)
-    run(cfg, PipelineOptions(baseline=args.baseline, full_end_to_end=args.full_end_to_end,
-                             from_stage=args.from_stage or ""))
+    with output_to(log_path(cfg), "lofi pipeline"):
+            run(cfg, PipelineOptions(baseline=args.baseline, full_end_to_end=args.full_end_to_end,
+                                 ablation=args.ablation, from_stage=args.from_stage or ""))
     return 0

@@ -25,6 +25,7 @@ video folder may be any pyarrow filesystem URI.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -40,6 +41,7 @@ import ray.data
 from lofi.config import add_config_arguments, config_from_args, from_dict, to_dict
 from lofi.errors import LofiError, cli_errors
 from lofi.fidelity import PRESETS
+from lofi.splits import TUNING_SUBSET, TuningSplit
 from pipelines import shards
 from pipelines.cluster import RayConfig
 from pipelines.prepare_tasks import committed_ids, decode_isolating_crashes, forget_failures, mark_crash_test
@@ -61,6 +63,9 @@ class LevelSpec:
     snippet_stride_sec: float | None = None  # or: snippets of this many seconds, T = ceil(duration / stride)
     frames_per_snippet: int | None = None  # F (default 8)
     size_px: int | None = None  # S: frames are S x S (default 224)
+    # grid levels: a snippet's F frames are spaced as on a grid of this many snippets, centred on the snippet
+    # (e.g. the full level's T at T-LoFi: fewer snippets, not sparser frames; lofi.sampling); 0: they fill it
+    spacing_snippets: int = 0
     storage: Literal["uint8", "jpeg"] = "uint8"
     jpeg_quality: int = 90
     snippets_per_row: int | None = None  # Tc; default: whole video if it fits max_row_mib
@@ -77,6 +82,9 @@ class LevelSpec:
         for key in ("num_snippets", "frames_per_snippet", "size_px", "snippets_per_row", "snippet_stride_sec"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"level {name}: {key} must be > 0, got {getattr(self, key)}")
+        if self.spacing_snippets and (level["num_snippets"] is None or self.spacing_snippets < level["num_snippets"]):
+            raise ValueError(f"level {name}: spacing_snippets {self.spacing_snippets} needs a grid level (num_snippets) "
+                             f"with num_snippets <= spacing_snippets; 0 lets the frames fill each snippet")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"level {name}: jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
@@ -87,11 +95,14 @@ class LevelSpec:
         if snippets is None and self.snippet_stride_sec is None and base is not None:
             snippets = base.num_snippets
         frames, size = (base.frames_per_snippet, base.size_px) if base else (8, 224)
-        return {"name": self.name or self.preset, "num_snippets": snippets,
-                "snippet_stride_sec": self.snippet_stride_sec,
-                "frames_per_snippet": frames if self.frames_per_snippet is None else self.frames_per_snippet,
-                "size_px": size if self.size_px is None else self.size_px,
-                "storage": self.storage, "jpeg_quality": self.jpeg_quality}
+        filled = {"name": self.name or self.preset, "num_snippets": snippets,
+                  "snippet_stride_sec": self.snippet_stride_sec,
+                  "frames_per_snippet": frames if self.frames_per_snippet is None else self.frames_per_snippet,
+                  "size_px": size if self.size_px is None else self.size_px,
+                  "storage": self.storage, "jpeg_quality": self.jpeg_quality}
+        if self.spacing_snippets and self.spacing_snippets != snippets:  # absent otherwise: older data keys still match
+            filled["spacing_snippets"] = self.spacing_snippets
+        return filled
 
     def resolved(self, max_row_bytes: int) -> dict[str, Any]:
         """Every field filled in, as sent to workers and written to the manifest."""
@@ -121,6 +132,17 @@ class InputConfig:
     # (suspect segments kept as written, as the official evaluator does; the real ActivityNet and
     # THUMOS14 files hold a few zero-length or past-the-end segments)
     annotation_errors: Literal["raise", "skip", "keep"] = "raise"
+    # the tuning split (lofi.splits): this share of the training videos is written as subset "tuning" (drawn
+    # per tuning_seed; the ids go into the manifest), held out for choosing levels, recipes and sweeps
+    tuning_fraction: float = 0.0
+    tuning_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tuning_fraction < 1:
+            raise ValueError(f"tuning_fraction must be in [0, 1) (0: no tuning split), got {self.tuning_fraction}")
+
+    def tuning_split(self) -> TuningSplit:
+        return TuningSplit(self.tuning_fraction, self.tuning_seed)
 
     def annotation_options(self) -> dict[str, Any]:
         """load_annotations keywords for `annotation_errors`."""
@@ -190,6 +212,9 @@ class PrepareConfig:
         """The fields that define the written data, levels resolved: what a rerun must match."""
         data = {k: v for k, v in to_dict(self).items() if k not in _RUNTIME_FIELDS}
         data["levels"] = self.resolved_levels()
+        if not self.input.tuning_fraction:  # absent without a split: older data keys still match
+            for key in ("tuning_fraction", "tuning_seed"):
+                data["input"].pop(key)
         return data
 
 
@@ -213,19 +238,25 @@ class PrepareResult:
 
 # 1. inputs -----------------------------------------------------------------------------------
 
-def load_videos(cfg: InputConfig) -> tuple[list[Any], tuple[str, ...]]:
-    """Annotated videos to prepare (subset filter, limit, sorted by id) and the label names."""
+def load_videos(cfg: InputConfig) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
+    """Annotated videos to prepare (tuning split applied, subset filter, limit, sorted by id), the label
+    names and the tuning split's video ids (of the whole file: a subset filter or limit does not move it)."""
     from lofi.annotations import load_annotations
 
     ann = load_annotations(cfg.annotations, **cfg.annotation_options())
+    split = cfg.tuning_split()
+    ann, tuning_ids = split.apply(ann) if split.fraction else (ann, ())
     videos = sorted(ann.videos, key=lambda v: v.video_id)
     if cfg.subsets:
-        unknown = sorted(set(cfg.subsets) - {v.subset for v in videos})
+        def source(v: Any) -> str:  # a tuning video still belongs to the subset it was drawn from
+            return split.source if v.subset == TUNING_SUBSET else v.subset
+
+        unknown = sorted(set(cfg.subsets) - {v.subset for v in videos} - {source(v) for v in videos})
         if unknown:
             raise LofiError(f"input.subsets: {unknown} match no video of {cfg.annotations}; "
                             f"subsets there: {sorted({v.subset for v in videos})}")
-        videos = [v for v in videos if v.subset in cfg.subsets]
-    return (videos[: cfg.limit] if cfg.limit else videos), tuple(ann.labels.names)
+        videos = [v for v in videos if v.subset in cfg.subsets or source(v) in cfg.subsets]
+    return (videos[: cfg.limit] if cfg.limit else videos), tuple(ann.labels.names), tuning_ids
 
 
 def list_video_files(videos: str) -> dict[str, str]:
@@ -310,7 +341,7 @@ def previous_errors(cfg: PrepareConfig) -> dict[str, dict[str, str]]:
 def run(cfg: PrepareConfig, verbose: bool = True) -> PrepareResult:
     """Prepare the dataset described by `cfg`; resumes a previous run into the same output."""
     start = time.perf_counter()
-    videos, labels = load_videos(cfg.input)
+    videos, labels, tuning_ids = load_videos(cfg.input)
     levels = cfg.resolved_levels()
     retry = previous_errors(cfg) if cfg.retry_failed else None
     done = prepare_output(cfg)
@@ -328,6 +359,9 @@ def run(cfg: PrepareConfig, verbose: bool = True) -> PrepareResult:
     wall = time.perf_counter() - start
     manifest = shards.build_manifest(out, {**to_dict(cfg), "levels": levels}, levels, labels, list_errors,
                                      total=len(videos), wall_time_sec=wall, processed=len(todo))
+    if tuning_ids:  # what scoring on subset "tuning" relabels in the annotation file (lofi eval --tuning-videos)
+        manifest["tuning"] = {**dataclasses.asdict(cfg.input.tuning_split()), "subset": TUNING_SUBSET,
+                              "video_ids": list(tuning_ids)}
     manifest_path = out / shards.MANIFEST
     manifest_path.write_json(manifest)  # last: readers trust what it lists
     if verbose:
@@ -346,6 +380,8 @@ CONFIG_KEYS = """config keys (in the YAML file, or --set KEY=VALUE):
   input.metadata         metadata CSV for annotation formats without durations
   input.subsets          only these subsets (default: all); input.limit: first N videos by id (0: all)
   input.annotation_errors  invalid annotation entries: raise (default, all reported at once), skip (drop them), keep (as written)
+  input.tuning_fraction  share of the training videos written as subset "tuning" (held out for choices; default 0),
+                         drawn per input.tuning_seed; the ids are listed in the manifest (tuning.video_ids)
   output                 folder to write (shared by all nodes on a multi-node cluster) or s3://bucket/prefix,
                          gs://bucket/prefix (credentials and endpoint from AWS_* / GOOGLE_* in the environment)
   levels                 list of presets (full, s_lofi, t_lofi, st_lofi) or sections: name, preset,

@@ -20,10 +20,15 @@ Training: class-balanced cross-entropy (`data.pretrain_balanced`: weight N / (K 
 class, from the training clips' labels); label-preserving augmentation (`lofi.clips`): a
 random window of `data.pretrain_clip_frames` consecutive frames of a longer stored clip
 (temporal jitter; validation takes the centred window) and random crops of
-`[data.pretrain_min_crop_scale, 1]` of the frame resized back (scale jitter). No horizontal
+`[data.pretrain_min_crop_scale, 1]` of the frame resized back (scale jitter), and with
+`data.pretrain_min_side_scale` < 1 each batch resized to a random side in [that, 1] of the
+frame's (multi-scale training: the sizes spatially reduced fidelity levels show). No horizontal
 flip: it would turn move_left into move_right. Validation reports, every epoch, accuracy,
 balanced accuracy and each class's recall (`val_*` on held-out clips, `val_tal_*` on the TAL
-validation snippets).
+validation snippets), and where it puts the TAL validation videos' background snippets
+(`val_tal_background_as_<class>`, `val_tal_background_top_share`): a classifier with no
+background class calls them something, and the class that takes most of them is one it tells
+apart by elimination, so its frozen features will not separate that action from background.
 
 The model is `lofi.models.encoders.ClipClassifier` (the encoder's clip feature, dropout and
 a linear layer) trained by the shared harness (pipelines/trainer: DDP, checkpoints every
@@ -51,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lofi.config import add_config_arguments, config_from_args
-from lofi.clips import class_weights, classification_metrics, random_resized_crop, recall_counts, temporal_window
+from lofi.clips import (class_weights, classification_metrics, random_resized_crop, random_side, recall_counts,
+                        temporal_window)
 from lofi.errors import LofiError, cli_errors
 from lofi.models.encoders import ClipClassifier, build_encoder
 from pipelines import shards
@@ -66,6 +72,7 @@ from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_hist
                                write_outputs)
 
 STAGE = "pretrain"
+BACKGROUND_SET = "val_tal_background"  # the TAL validation videos' background snippets
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,12 @@ def tal_val_source(cfg: PipelineConfig, names: list[str]) -> ClipSource | None:
     if all(k < 0 for k in label_map):
         return None
     return ClipSource(cfg.data.shards, cfg.data.full_level, background=False, label_map=label_map)
+
+
+def tal_background_source(tal_val: ClipSource) -> ClipSource:
+    """The TAL validation videos' background snippets (in no segment), labelled `num_actions`: what the
+    classifier calls a snippet where nothing acts (a metric of its own: it has no background class)."""
+    return dataclasses.replace(tal_val, background=True, label_map=tuple(-1 for _ in tal_val.label_map))
 
 
 def _subset_counts(source: ClipSource) -> dict[str, int]:
@@ -167,6 +180,14 @@ def clip_dataset(cfg: PipelineConfig, source: ClipSource, subset: str, num_actio
     return ds.select_columns(list(CLIP_COLUMNS))
 
 
+def clip_val_subset(cfg: PipelineConfig, counts: dict[str, int]) -> str:
+    """The held-out clips stage 1 is scored on: data.val_subset's; a separate clip set scored while the TAL
+    videos' tuning split is the validation subset (a choice being made) keeps its own validation clips."""
+    if counts.get(cfg.data.val_subset):
+        return cfg.data.val_subset
+    return "validation" if cfg.data.pretrain_shards and counts.get("validation") else ""
+
+
 def label_counts(source: ClipSource, subset: str, num_actions: int, num_outputs: int) -> list[int]:
     """Clips per class of one subset, from the shards' small columns (no frame is read)."""
     import pyarrow.compute as pc
@@ -206,7 +227,8 @@ class PretrainLoop:
     def step(self, ctx: WorkerContext, model: nn.Module, batch: Any, epoch: int) -> StepOutput:
         data = ctx.cfg.data
         clips = temporal_window(batch["clip"], data.pretrain_clip_frames, jitter=True)  # (B, F, S, S, 3) uint8
-        clips = random_resized_crop(clips, data.pretrain_min_crop_scale)
+        side = random_side(clips.shape[2], data.pretrain_min_side_scale)  # one size per batch: clips stack
+        clips = random_resized_crop(clips, data.pretrain_min_crop_scale, side)
         weight = torch.tensor(self.weights, dtype=torch.float32, device=clips.device) if self.weights else None
         loss = F.cross_entropy(model(clips), batch["label"], weight=weight)
         return StepOutput({"total": loss}, clips.shape[0], clips.shape[0] * clips.shape[1])
@@ -214,6 +236,9 @@ class PretrainLoop:
     def validate(self, ctx: WorkerContext, model: nn.Module, epoch: int) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, prefix in self.val_sets.items():
+            if name == BACKGROUND_SET:
+                out.update(self._background_shares(ctx, model, epoch, prefix))
+                continue
             sums = {"loss": 0.0} | {f"correct{k}": 0.0 for k in range(self.num_outputs)} | {
                 f"support{k}": 0.0 for k in range(self.num_outputs)}
             for batch in ctx.batches(name, epoch, train=False):
@@ -231,6 +256,24 @@ class PretrainLoop:
                 metrics[f"{prefix}loss_total"] = sums["loss"] / support.sum()
             out.update(metrics)
         return out
+
+    def _background_shares(self, ctx: WorkerContext, model: nn.Module, epoch: int, prefix: str) -> dict[str, float]:
+        """Where the classifier puts the TAL videos' background snippets: the share predicted as each class
+        (`<prefix>as_<class>`) and the largest share (`<prefix>top_share`). A class that takes most of
+        them is the one it tells apart by elimination ("nothing else happens"): frozen features will not
+        separate that action from background, which a TAL head must."""
+        sums = {f"as{k}": 0.0 for k in range(self.num_outputs)}
+        for batch in ctx.batches(BACKGROUND_SET, epoch, train=False):
+            logits = model(temporal_window(batch["clip"], ctx.cfg.data.pretrain_clip_frames, jitter=False))
+            counts = np.bincount(logits.argmax(dim=1).cpu().numpy(), minlength=self.num_outputs)
+            for k in range(self.num_outputs):
+                sums[f"as{k}"] += float(counts[k])
+        sums = all_reduce(sums, ctx.device)
+        total = sum(sums.values())
+        if not total:
+            return {}
+        shares = {f"{prefix}as_{name}": sums[f"as{k}"] / total for k, name in enumerate(self.names)}
+        return shares | {f"{prefix}top_share": max(shares.values()), f"{prefix}snippets": total}
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_outputs": self.num_outputs}
@@ -263,12 +306,17 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         tracker.log_config(cfg)
         datasets = {"train": clip_dataset(cfg, source, cfg.data.train_subset, num_actions)}
         val_sets = {}
-        if inputs["counts"].get(cfg.data.val_subset):
-            datasets["val"] = clip_dataset(cfg, source, cfg.data.val_subset, num_actions)
+        held_out = clip_val_subset(cfg, inputs["counts"])
+        if held_out:
+            datasets["val"] = clip_dataset(cfg, source, held_out, num_actions)
             val_sets["val"] = "val_"
         if tal_val is not None:  # the TAL validation videos' snippets, in the classifier's classes
             datasets["val_tal"] = clip_dataset(cfg, tal_val, cfg.data.val_subset, num_actions)
             val_sets["val_tal"] = "val_tal_"
+            # and their background snippets: which class the classifier takes for "nothing acts"
+            datasets[BACKGROUND_SET] = clip_dataset(cfg, tal_background_source(tal_val), cfg.data.val_subset,
+                                                    num_actions)
+            val_sets[BACKGROUND_SET] = "val_tal_background_"
         counts = label_counts(source, cfg.data.train_subset, num_actions, len(names))
         loop = {"class_names": names, "val_sets": val_sets,
                 "class_weights": class_weights(counts) if cfg.data.pretrain_balanced else None}
@@ -298,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pretrain/encoder.pt for encoder.checkpoint of the later stages.",
         epilog="Config keys used (YAML or --set): data.pretrain_shards, data.shards, data.pretrain_level, "
                "data.pretrain_background, data.pretrain_clip_frames, data.pretrain_min_crop_scale, "
-               "data.pretrain_balanced, data.full_level, data.train_subset, data.val_subset; encoder.* (name, width, checkpoint, "
+               "data.pretrain_min_side_scale, data.pretrain_balanced, data.full_level, data.train_subset, data.val_subset; encoder.* (name, width, checkpoint, "
                "checkpoint_format, shift_div, activation_checkpointing, freeze_bn, frozen_stages, amp_dtype); "
                "pretrain.* (optimizer sgd|adamw, lr, momentum, weight_decay, epochs, lr_step_epochs, lr_gamma, "
                "batch_size (global, in clips), grad_clip_norm, shuffle_buffer_rows); run.name, run.storage, "

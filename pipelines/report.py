@@ -19,8 +19,11 @@ from pipelines.step_memory import stage2_encoder_config
 from pipelines.storage import location
 
 # stage 1's final metrics that the report shows (held-out clips, TAL validation snippets)
-STAGE1_KEYS = ("val_accuracy", "val_balanced_accuracy", "val_tal_accuracy", "val_tal_balanced_accuracy")
-BRANCH_TITLES = {"baseline": "baseline (frozen)", "lofi": "LoFi (stage 2)", "full_end_to_end": "full end to end"}
+STAGE1_KEYS = ("val_accuracy", "val_balanced_accuracy", "val_tal_accuracy", "val_tal_balanced_accuracy",
+               "val_tal_background_top_share")
+BRANCH_TITLES = {"baseline": "baseline (frozen)", "lofi": "LoFi (stage 2)", "full_end_to_end": "full end to end",
+                 "t_lofi": "T-LoFi", "s_lofi": "S-LoFi", "st_lofi": "ST-LoFi", "c_lofi_long": "C-LoFi long",
+                 "c_lofi_short": "C-LoFi short"}
 
 
 def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -58,11 +61,12 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
         device="cuda" if amp == "fp16" else "auto"))
     batch = cfg.train.per_worker_batch(cfg.scaling.num_workers)
     planned = {row.level.name: row.memory.saved_bytes(batch) for row in rows}
-    measured = {name: branches[name]["train"].result.metrics.get("activation_memory_bytes")
-                for name in ("lofi", "full_end_to_end") if name in branches}
+    measured = {name: stages["train"].result.metrics.get("activation_memory_bytes")
+                for name, stages in branches.items() if "train" in stages}
     lofi = measured.get("lofi")
     full_e2e = measured.get("full_end_to_end") or planned[full.name]
-    return {"baseline": head_only, "lofi": int(lofi) if lofi else max(planned[n] for n in levels),
+    others = {name: int(value) for name, value in measured.items() if value and name not in ("lofi", "full_end_to_end")}
+    return {"baseline": head_only, "lofi": int(lofi) if lofi else max(planned[n] for n in levels), **others,
             "full_end_to_end": int(full_e2e), "full_fidelity_end_to_end": int(full_e2e), "planned_per_level": planned,
             "lofi_source": "stage 2 measurement" if lofi else "lofi.memory planner",
             "batch_per_worker": {"train": batch, "train_head": head_batch}}
@@ -71,8 +75,9 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
 def branch_report(stages: dict[str, Any], memory_bytes: int) -> dict[str, Any]:
     detect = stages["detect"].result
     scores = location(detect.artifacts["eval"], "detect output").read_json()
+    per_class = {label: sum(aps) / len(aps) for label, aps in scores.get("per_class_ap", {}).items()}
     return {"tiou_thresholds": scores["tiou_thresholds"], "mAP": scores["mAP"], "average_mAP": scores["average_mAP"],
-            "activation_memory_bytes": memory_bytes,
+            "per_class_average_AP": per_class, "activation_memory_bytes": memory_bytes,
             "stage_seconds": {name: round(s.seconds, 2) for name, s in stages.items()},
             "reused_stages": [name for name, s in stages.items() if s.reused],
             "num_validation_videos": scores["num_videos"], "predictions": detect.artifacts["predictions"],
@@ -97,6 +102,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         times = ", ".join(f"{k} {v:.0f}" + ("*" if k in b["reused_stages"] else "") for k, v in b["stage_seconds"].items())
         lines.append(f"{title:<18}{100 * b['average_mAP']:8.2f}%{_at(b, 0.5):>9}{_at(b, 0.75):>9}{_at(b, 0.95):>9}"
                      f"{b['activation_memory_bytes'] / mib:10.1f} MiB   {times}")
+    lines += per_class_lines(report)
     m = report["memory"]
     lines.append(f"activation memory: the tensors autograd saves in one training step ({m['batch_per_worker']['train']} "
                  f"videos per worker); baseline: the head's step (the frozen encoder saves nothing); LoFi: "
@@ -110,13 +116,27 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def per_class_lines(report: dict[str, Any]) -> list[str]:
+    """Each class's AP (mean over the tIoU thresholds) per branch: where a gain comes from."""
+    branches = [b for b in BRANCH_TITLES if b in report and report[b].get("per_class_average_AP")]
+    if not branches:
+        return []
+    labels = list(report[branches[0]]["per_class_average_AP"])
+    width = max(9, *(len(label) + 1 for label in labels))
+    lines = ["AP per class (mean over tIoU):".ljust(18) + "".join(f"{label[:width - 1]:>{width}}" for label in labels)]
+    for b in branches:
+        aps = report[b]["per_class_average_AP"]
+        lines.append(f"{BRANCH_TITLES[b]:<18}" + "".join(f"{100 * aps.get(label, 0.0):{width - 1}.2f}%" for label in labels))
+    return lines
+
+
 def build_report(cfg: PipelineConfig, branches: dict[str, dict[str, Any]], stage1: Any | None,
                  data_seconds: dict[str, float], total_seconds: float) -> dict[str, Any]:
     memory = activation_memory(cfg, branches)
     report: dict[str, Any] = {name: branch_report(branches[name], memory[name]) for name in branches}
     metrics = stage1.result.metrics if stage1 is not None else {}
     report.update({"full_fidelity_activation_memory_bytes": memory["full_fidelity_end_to_end"], "memory": memory,
-                   "stage1": {k: metrics[k] for k in STAGE1_KEYS if k in metrics},
+                   "stage1": {k: metrics[k] for k in metrics if k in STAGE1_KEYS or k.startswith("val_tal_background_as_")},
                    "data_seconds": {k: round(v, 2) for k, v in data_seconds.items()},
                    "total_seconds": round(total_seconds, 2)})
     return report

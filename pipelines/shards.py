@@ -70,6 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
+from lofi.fidelity import FidelityLevel
 from pipelines.storage import Location, location, read_parquet
 
 SCHEMA_VERSION = 2  # 2: frames stored as fixed_size_binary (1: uint8 tensor as Parquet INT32)
@@ -325,6 +326,12 @@ def level_files(out_dir: str | Path | Location, level: str) -> tuple[dict[str, A
     return levels[level], [str(shards_location(out_dir) / rel) for rel in levels[level]["shards"]]
 
 
+def grid_level(entry: dict[str, Any]) -> FidelityLevel:
+    """The FidelityLevel a grid level's manifest entry holds (`spacing_snippets` absent: frames fill the snippet)."""
+    return FidelityLevel(entry["name"], entry["num_snippets"], entry["frames_per_snippet"], entry["size_px"],
+                         entry.get("spacing_snippets") or 0)
+
+
 def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None = None) -> pa.Table:
     """All rows of one level with plain pyarrow (no Ray), sorted by video id and chunk."""
     entry, files = level_files(out_dir, level)
@@ -436,6 +443,8 @@ def summary_lines(manifest: dict[str, Any], out_dir: str) -> list[str]:
              f"  wrote {out_dir}: {c['frames']} frames, {c['bytes'] / 2**20:.1f} MiB"]
     for lv in manifest["levels"]:
         grid = f"T={lv['num_snippets']}" if lv["num_snippets"] else f"stride {lv['snippet_stride_sec']:g} s"
+        if lv.get("spacing_snippets"):
+            grid += f" (frames spaced as at T={lv['spacing_snippets']})"
         lines.append(f"  level {lv['name']}: {grid} "
                      f"F={lv['frames_per_snippet']} S={lv['size_px']} {lv['storage']}: {lv['rows']} rows, "
                      f"{lv['bytes_per_video'] / 2**10:.1f} KiB/video, {len(lv['shards'])} shard files")

@@ -107,11 +107,14 @@ def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"{where}: level {level.name!r} has a fixed stride (snippet_stride_sec), so videos differ "
                             f"in T; end-to-end training needs num_snippets: {level.num_snippets}")
             continue
-        for key in ("num_snippets", "frames_per_snippet", "size_px"):
-            if entry[key] != getattr(level, key):
-                problems.append(f"{where}: level {level.name!r}: {key} is {entry[key]} in the shards but "
-                                f"{getattr(level, key)} in the fidelity schedule; prepare it with {key}: "
-                                f"{getattr(level, key)}, or --set fidelity.overrides.{level.name}.{key}={entry[key]}")
+        stored = shards.grid_level(entry)
+        for key in ("num_snippets", "frames_per_snippet", "size_px", "frame_grid"):
+            if getattr(stored, key) != getattr(level, key):
+                field = "spacing_snippets" if key == "frame_grid" else key
+                have = entry.get(field, 0) if key == "frame_grid" else entry[key]
+                problems.append(f"{where}: level {level.name!r}: {field} is {have} in the shards but "
+                                f"{getattr(level, field)} in the fidelity schedule; prepare it with {field}: "
+                                f"{getattr(level, field)}, or --set fidelity.overrides.{level.name}.{field}={have}")
         problems += _chunk_problems(cfg, entry)
     return manifest, problems
 
@@ -136,7 +139,7 @@ def shard_level(manifest: dict[str, Any], level: FidelityLevel) -> str:
     same T, F and S under another name (a sweep prepares variants of a level, e.g. s_lofi at 32 and 48 px,
     side by side as s_lofi-t32f4s32, s_lofi-t32f4s48); the name itself when there is none."""
     def same(entry: dict[str, Any]) -> bool:
-        return all(entry[key] == getattr(level, key) for key in ("num_snippets", "frames_per_snippet", "size_px"))
+        return entry["num_snippets"] is not None and shards.grid_level(entry).same_frames(level)
 
     named = [e for e in manifest["levels"] if e["name"] == level.name]
     if named and same(named[0]):
@@ -149,7 +152,7 @@ def eval_level(cfg: PipelineConfig, manifest: dict[str, Any], levels: tuple[Fide
     is used at later) when its rows are whole videos on a fixed grid, else the schedule's finest level."""
     full = next((e for e in manifest["levels"] if e["name"] == cfg.data.full_level), None)
     if full is not None and full["num_snippets"] is not None and full["snippets_per_row"] == full["num_snippets"]:
-        return FidelityLevel(full["name"], full["num_snippets"], full["frames_per_snippet"], full["size_px"])
+        return shards.grid_level(full)
     return max(levels, key=lambda level: (level.num_snippets, level.pixels_per_video()))
 
 

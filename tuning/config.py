@@ -28,6 +28,10 @@ class SearchSection:
     num_samples: int = 1  # repeats of every grid point (each draws its own random values)
     seed: int = 0  # the draws of choice / uniform / loguniform keys
     metric: str = "val_average_mAP"  # a stage-2 per-epoch metric: the trials' own validation mAP at full fidelity
+    # the videos trials are scored on (their data.val_subset): "tuning", training videos held out from every
+    # trial's training (the pipeline's prepare.tuning_fraction > 0; lofi.splits), so the validation videos
+    # the final report scores take no part in the choice; "validation" scores there (and chooses on them)
+    score_subset: str = "tuning"
     mode: Literal["max", "min"] = "max"
     budget_gb: float = 0.0  # activation memory per device (GiB) a trial may need; 0: no limit
     scheduler: Literal["asha", "none"] = "asha"  # ASHA stops trials that fall behind at its rungs (epochs)
@@ -46,6 +50,8 @@ class SearchSection:
             raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
         if self.max_concurrent_trials < 0:
             raise ValueError(f"max_concurrent_trials must be >= 0 (0: from the cluster), got {self.max_concurrent_trials}")
+        if not self.score_subset:
+            raise ValueError("score_subset is empty: use tuning (held-out training videos) or validation")
         if not self.metric.startswith(("val_", "loss_")):
             raise ValueError(f"metric {self.metric!r}: use a per-epoch metric of lofi train, e.g. val_average_mAP, "
                              "val_loss_total")
@@ -85,4 +91,5 @@ class SweepConfig:
 
     def trial_config(self, base: PipelineConfig, overrides: dict[str, Any], name: str) -> PipelineConfig:
         """A trial's config: the base with its sampled values, its own run folder under the sweep."""
-        return replace(base, [*overrides.items(), ("run.storage", str(self.dir() / "trials")), ("run.name", name)])
+        return replace(base, [*overrides.items(), ("data.val_subset", self.search.score_subset),
+                              ("run.storage", str(self.dir() / "trials")), ("run.name", name)])

@@ -117,6 +117,24 @@ def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]
     return trials
 
 
+def check_score_subset(scfg: SweepConfig, base: PipelineConfig) -> None:
+    """Before any work: trials scored on the tuning split need one, from prepare.tuning_fraction (the pipeline
+    prepares the videos) or in the given shards' manifest."""
+    from pipelines import shards
+
+    if scfg.search.score_subset != "tuning":
+        return
+    if base.data.videos:
+        has_split = base.prepare.tuning_fraction > 0
+    else:
+        has_split = bool(base.data.shards) and "tuning" in shards.read_manifest(base.data.shards)
+    if not has_split:
+        raise LofiError(f"{LOG}: search.score_subset is tuning, but the trials' data holds no tuning split: set "
+                        "prepare.tuning_fraction (e.g. 0.2) in the pipeline config (or its sweep `set`) so that "
+                        "trials are scored on training videos held out from their training, or set "
+                        "search.score_subset: validation to choose on the validation videos")
+
+
 def load_or_plan(scfg: SweepConfig, base: PipelineConfig, resume: bool) -> list[dict[str, Any]]:
     """The plan of this sweep: written once; a resumed sweep runs the same trials."""
     path = scfg.dir() / PLAN_FILE
@@ -136,20 +154,27 @@ def load_or_plan(scfg: SweepConfig, base: PipelineConfig, resume: bool) -> list[
 
 # 3. data -------------------------------------------------------------------------------------
 
+def _frames_key(level: FidelityLevel) -> tuple[int, int, int, int]:
+    """What a level's shards hold: T, F, S and the frame grid (names aside)."""
+    return level.num_snippets, level.frames_per_snippet, level.size_px, level.frame_grid
+
+
 def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any]], parent: Any) -> PipelineConfig:
     """The base config pointing at shards that hold every level a launched trial reads."""
     from pipelines import pipeline, shards
 
     manifest = shards.read_manifest(base.data.shards)
-    present = {(e["num_snippets"], e["frames_per_snippet"], e["size_px"]) for e in manifest["levels"]}
-    missing: dict[tuple[int, int, int], FidelityLevel] = {}
+    present = {_frames_key(shards.grid_level(e)) for e in manifest["levels"] if e["num_snippets"] is not None}
+    missing: dict[tuple[int, int, int, int], FidelityLevel] = {}
     for trial in trials:
         if trial["status"] != "launched":
             continue
         for level in used_levels(scfg.trial_config(base, trial["overrides"], trial["trial"])):
-            shape = (level.num_snippets, level.frames_per_snippet, level.size_px)
+            shape = _frames_key(level)
             if shape not in present and shape not in missing:
-                missing[shape] = dataclasses.replace(level, name=f"{level.name}-t{shape[0]}f{shape[1]}s{shape[2]}")
+                grid = f"g{level.frame_grid}" if level.frame_grid != level.num_snippets else ""
+                missing[shape] = dataclasses.replace(
+                    level, name=f"{level.name}-t{shape[0]}f{shape[1]}s{shape[2]}{grid}")
     if not missing:
         return base
     if not base.data.videos:
@@ -286,6 +311,7 @@ def run(scfg: SweepConfig, resume: bool = False) -> dict[str, Any]:
     # absolute first: the pipeline's stage records hash these paths (the demo writes them absolute)
     scfg, base = absolute(scfg, scfg.base_config())
     check_keys(base, scfg.space)  # before any work
+    check_score_subset(scfg, base)
     connect_ray(base.ray)
     phases: dict[str, float] = {}
     with Tracker.start(base.tracking, f"sweep/{scfg.name}", tags={"stage": "sweep"}) as parent:
@@ -334,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors("sweep")
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.logs import output_to
+
     args = build_parser().parse_args(argv)
-    run(config_from_args(SweepConfig, args), resume=args.resume)
+    scfg = config_from_args(SweepConfig, args)
+    with output_to(scfg.dir() / "lofi.log", LOG):
+        run(scfg, resume=args.resume)
     return 0

@@ -17,7 +17,9 @@ import numpy as np
 
 from lofi.errors import LofiError
 
-SUBSETS = ("training", "validation", "testing")
+# "tuning": training videos held out for choosing levels, recipes and sweeps (lofi.splits), so that the
+# validation videos are scored only at the end
+SUBSETS = ("training", "validation", "testing", "tuning")
 
 # Spellings seen in the wild (THUMOS14 JSON conversions write "Validation"/"Test") mapped to
 # the canonical ActivityNet names; matched case-insensitively.
@@ -25,6 +27,7 @@ SUBSET_ALIASES = {
     "training": "training", "train": "training",
     "validation": "validation", "val": "validation", "valid": "validation",
     "testing": "testing", "test": "testing",
+    "tuning": "tuning",
 }
 
 
@@ -172,7 +175,11 @@ class AnnotationSet:
         return dataclasses.replace(self, videos=tuple(v for v in self.videos if v.subset == canonical))
 
     def subset_counts(self) -> dict[str, int]:
-        return {name: sum(v.subset == name for v in self.videos) for name in SUBSETS}
+        """Videos per subset; "tuning" only when a tuning split is there (it is derived, lofi.splits)."""
+        counts = {name: sum(v.subset == name for v in self.videos) for name in SUBSETS}
+        if not counts["tuning"]:
+            del counts["tuning"]
+        return counts
 
 
 def _column(values: object, dtype: type, name: str) -> np.ndarray:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Iterable, Literal
 
 from lofi.annotations import AnnotationSet, load_annotations, load_predictions
 from lofi.errors import LofiError
 from lofi.evaluation.common import read_blocked, tiou_thresholds
 from lofi.evaluation.detection import evaluate_detection
 from lofi.evaluation.proposals import evaluate_proposals
+from lofi.splits import relabel
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,37 @@ class EvalConfig:
     proposals: bool = False  # AR@AN instead of mAP
     max_avg_proposals: float = 100.0
     skip_invalid: bool = False  # drop bad ground-truth / prediction entries instead of failing
+    # the tuning split (lofi.splits): a file of the video ids moved to subset "tuning" (a JSON list or one per
+    # line), or the manifest.json of `lofi prepare` shards written with a tuning split (its tuning.video_ids)
+    tuning_videos: str = ""
 
     def thresholds(self) -> list[float]:
         return tiou_thresholds(self.protocol, self.tiou or None).tolist()
 
 
-def load_ground_truth(cfg: EvalConfig) -> AnnotationSet:
+def read_tuning_videos(path: str) -> frozenset[str]:
+    """The tuning split's video ids: an id file, or a shard manifest's `tuning.video_ids`."""
+    if not Path(path).is_file():
+        raise LofiError(f"tuning_videos: {path} does not exist; pass the shards' manifest.json or a file of video ids")
+    text = Path(path).read_text()
+    if text.lstrip().startswith("{"):
+        manifest = json.loads(text)
+        if not isinstance(manifest.get("tuning"), dict):
+            raise LofiError(f"{path}: no tuning split in this manifest (prepare.tuning_fraction was 0); "
+                            "pass a file of video ids, or prepare the shards with a tuning split")
+        return frozenset(manifest["tuning"]["video_ids"])
+    return read_blocked(path)
+
+
+def load_ground_truth(cfg: EvalConfig, tuning_ids: Iterable[str] = ()) -> AnnotationSet:
     """Ground truth as the official evaluator reads it: suspect segments kept (lenient)."""
     if not cfg.ground_truth or not cfg.predictions:
         raise LofiError("both the ground truth and the predictions are needed: "
                         "pass --ground-truth FILE --predictions FILE")
     ann = load_annotations(cfg.ground_truth, metadata=cfg.metadata or None, skip_invalid=cfg.skip_invalid,
                            labels=cfg.labels or None, lenient=True)
+    tuning = set(tuning_ids) | (read_tuning_videos(cfg.tuning_videos) if cfg.tuning_videos else set())
+    ann = relabel(ann, tuning)
     selected = ann.subset(cfg.subset)
     if not len(selected):
         counts = ", ".join(f"{k}: {v}" for k, v in ann.subset_counts().items())
@@ -44,9 +66,10 @@ def load_ground_truth(cfg: EvalConfig) -> AnnotationSet:
     return selected
 
 
-def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """(result as a JSON-ready dict, warnings about the inputs) for detections or proposals."""
-    gt = load_ground_truth(cfg)
+def run_eval(cfg: EvalConfig, tuning_ids: Iterable[str] = ()) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(result as a JSON-ready dict, warnings about the inputs) for detections or proposals;
+    `tuning_ids`: videos of the tuning split (as `tuning_videos` names them in a file)."""
+    gt = load_ground_truth(cfg, tuning_ids)
     det = load_predictions(cfg.predictions, skip_invalid=cfg.skip_invalid)
     blocked = read_blocked(cfg.blocked) if cfg.blocked else frozenset()
     thresholds = cfg.thresholds()

@@ -7,7 +7,8 @@ lasts `clip_sec` whole seconds, so the times in the name and the CSV are exact i
 match the file (with a non-integer fps the clip holds round(clip_sec * fps) frames).
 The clips are drawn like the simple scenes' instances (`lofi.synth.simple`: the same
 backgrounds, shapes, colours, sizes and per-class motion parameters), at the TAL videos'
-size and frame rate. There is no background class.
+size and frame rate. There is no background class unless `still_class` adds one ("still":
+objects at rest, nothing acting).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from lofi.annotations.sources import KINETICS_COLUMNS, kinetics_clip_id
 from lofi.config import ConfigError, to_dict
@@ -30,7 +30,8 @@ from lofi.synth.encode import encode_video
 from lofi.synth.generate import VIDEO_DIR, prepare_out_dir
 from lofi.synth.render import render_frames
 from lofi.synth.scene import MOTION_CLASSES
-from lofi.synth.simple import BOUNCE_PERIOD_SEC, build_clip_scene
+from lofi.synth.simple import BOUNCE_PERIOD_SEC, STILL_CLASS, build_clip_scene
+from lofi.synth.workers import CpuClock, default_workers, map_items
 
 CLIPS_FILE = "clips.csv"
 CLIPS_SUMMARY_FILE = "clips_summary.json"
@@ -51,6 +52,12 @@ class ClipSynthConfig:
     clip_sec: int = 2  # whole seconds: the Kinetics name and CSV hold integer times
     val_fraction: float = 0.15
     crf: int = 26  # x264 quality: lower is better and bigger
+    # one more class, "still": clips in which no object acts (a TAL video's background). Without it a
+    # classifier can tell a class apart by elimination (nothing else happens) and never represent it
+    still_class: bool = False
+
+    def classes(self) -> tuple[str, ...]:
+        return MOTION_CLASSES + ((STILL_CLASS,) if self.still_class else ())
 
     def __post_init__(self) -> None:
         problems = []
@@ -102,7 +109,7 @@ class ClipSummary:
     num_frames: int
     bytes_written: int
     seconds: float
-    cpu_seconds: float  # this process only: the fair speed figure on a shared machine
+    cpu_seconds: float  # this process and its workers: the fair speed figure on a shared machine
     clips_per_sec: float
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -115,42 +122,53 @@ class ClipSummary:
             f"clips per class: {per_class}",
             f"bytes: {self.bytes_written / 1e6:.2f} MB; time: {self.seconds:.1f} s ({self.cpu_seconds:.1f} s CPU); "
             f"speed: {self.clips_per_sec:.0f} clips/s, {self.num_frames / max(self.seconds, 1e-9):.0f} frames/s "
-            "render + encode on one core",
+            f"render + encode ({self.num_frames / max(self.cpu_seconds, 1e-9):.0f} per CPU second)",
         ]
 
 
 def plan_clips(cfg: ClipSynthConfig) -> list[ClipPlan]:
     """Labels dealt from a shuffled deck (balanced classes) and a split stratified by class."""
     rng = np.random.default_rng([cfg.seed, CLIP_STREAM])
-    labels = rng.permutation(np.resize(np.arange(len(MOTION_CLASSES)), cfg.num_clips))
+    classes = cfg.classes()
+    labels = rng.permutation(np.resize(np.arange(len(classes)), cfg.num_clips))
     val = np.zeros(cfg.num_clips, dtype=bool)
-    for k in range(len(MOTION_CLASSES)):
+    for k in range(len(classes)):
         members = rng.permutation(np.flatnonzero(labels == k))
         val[members[:round(len(members) * cfg.val_fraction)]] = True
-    return [ClipPlan(i, f"clip_{i:05d}", MOTION_CLASSES[int(labels[i])], SPLITS[int(val[i])])
+    return [ClipPlan(i, f"clip_{i:05d}", classes[int(labels[i])], SPLITS[int(val[i])])
             for i in range(cfg.num_clips)]
 
 
+def _write_clip(job: tuple[ClipSynthConfig, ClipPlan, Path]) -> tuple[str, str, int, int]:
+    """One clip file: (label, split, frames encoded, bytes)."""
+    cfg, plan, video_dir = job
+    rng = np.random.default_rng([cfg.seed, CLIP_STREAM, plan.index])
+    num_frames = cfg.frames_per_clip()
+    scene, background = build_clip_scene(rng, plan.label, num_frames, cfg.fps, cfg.size_px)
+    path = video_dir / f"{plan.file_stem(cfg.clip_sec)}.mp4"
+    # One GOP per clip: clips are read whole, never seeked into.
+    frames = encode_video(path, render_frames(scene, background), cfg.size_px, cfg.frame_rate(), cfg.crf,
+                          gop_frames=num_frames)
+    return plan.label, plan.split, frames, path.stat().st_size
+
+
 def generate_clips(out_dir: str | Path, cfg: ClipSynthConfig, overwrite: bool = False,
-                   progress: bool = True) -> ClipSummary:
-    """Write OUT/videos/clip_<i>_000000_<clip_sec>.mp4, OUT/clips.csv and OUT/clips_summary.json."""
+                   progress: bool = True, workers: int = 0) -> ClipSummary:
+    """Write OUT/videos/clip_<i>_000000_<clip_sec>.mp4, OUT/clips.csv and OUT/clips_summary.json; `workers`
+    processes (0: one per core, up to 8), the same files with any number."""
     out_dir = Path(out_dir)
     video_dir = prepare_out_dir(out_dir, overwrite, "clip_*.mp4", CLIPS_FILE, "clips")
     plans = plan_clips(cfg)
-    num_frames, rate = cfg.frames_per_clip(), cfg.frame_rate()
     counts: Counter[tuple[str, str]] = Counter()
     total_frames = bytes_written = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for plan in tqdm(plans, desc="synth-clips", unit="clip", disable=None if progress else True):
-        rng = np.random.default_rng([cfg.seed, CLIP_STREAM, plan.index])
-        scene, background = build_clip_scene(rng, plan.label, num_frames, cfg.fps, cfg.size_px)
-        path = video_dir / f"{plan.file_stem(cfg.clip_sec)}.mp4"
-        # One GOP per clip: clips are read whole, never seeked into.
-        total_frames += encode_video(path, render_frames(scene, background), cfg.size_px, rate, cfg.crf,
-                                     gop_frames=num_frames)
-        bytes_written += path.stat().st_size
-        counts[plan.label, plan.split] += 1
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    started, cpu = time.perf_counter(), CpuClock()
+    jobs = [(cfg, plan, video_dir) for plan in plans]
+    for label, split, frames, size in map_items(_write_clip, jobs, workers or default_workers(), "synth-clips",
+                                                "clip", progress):
+        total_frames += frames
+        bytes_written += size
+        counts[label, split] += 1
+    seconds, cpu_seconds = time.perf_counter() - started, cpu.seconds()
     # Written last: a crash midway leaves no label file pointing at missing clips.
     csv_path = out_dir / CLIPS_FILE
     with csv_path.open("w", newline="") as handle:
@@ -161,7 +179,7 @@ def generate_clips(out_dir: str | Path, cfg: ClipSynthConfig, overwrite: bool = 
         out_dir=str(out_dir),
         csv_path=str(csv_path),
         num_clips=len(plans),
-        clips_per_class={label: {s: counts[label, s] for s in SPLITS} for label in MOTION_CLASSES},
+        clips_per_class={label: {s: counts[label, s] for s in SPLITS} for label in cfg.classes()},
         num_frames=total_frames,
         bytes_written=bytes_written,
         seconds=round(seconds, 3),

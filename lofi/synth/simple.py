@@ -57,6 +57,7 @@ PLACEMENT_RESTARTS = 20
 # Trimmed clips (build_clip_scene) mimic a window of a TAL instance: the instance lengths
 # their motions are drawn for (SynthConfig's defaults), and the static objects beside the actor.
 CLIP_INSTANCE_SEC = (3.0, 6.0)
+STILL_CLASS = "still"  # a clip where no object acts: what a TAL video shows between its actions
 CLIP_IDLE_OBJECTS = (0, 2)
 
 
@@ -227,11 +228,14 @@ def build_clip_scene(
     hops at the same periods; and the actor shares the frame with `idle_objects` (inclusive
     range) static objects, as an actor in a TAL video shares it with the other instances'
     objects. A classifier trained on the clips then meets no other motion rates and no
-    emptier frames than the TAL snippets it is scored on.
+    emptier frames than the TAL snippets it is scored on. Label STILL_CLASS: nothing acts.
     """
     scale = size_px / REFERENCE_PX
     background = make_plain_background(rng, size_px)
-    motion = draw_motion(label, rng, float(rng.uniform(*instance_sec)))
+    if label == STILL_CLASS:  # the "actor" rests like the others: no change on any frame
+        motion = Motion(label)
+    else:
+        motion = draw_motion(label, rng, float(rng.uniform(*instance_sec)))
     change = motion_offsets(motion, num_frames, fps, scale)
     if label in ("grow", "shrink"):
         full = math.log(RADIUS_RANGE_PX[1] / RADIUS_RANGE_PX[0])

@@ -41,6 +41,9 @@ def mlflow_module() -> Any:
     import mlflow
     import mlflow.pytorch  # noqa: F401  (`import mlflow` alone leaves the flavour unloaded)
 
+    from pipelines.logs import reroute_loggers
+
+    reroute_loggers()  # importing mlflow gives its logger a terminal handler; a command's log file takes it back
     return mlflow
 
 

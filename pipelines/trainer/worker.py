@@ -354,7 +354,7 @@ def progress_line(stage: StageLoop, epochs: int, m: dict[str, Any]) -> str:
     if others:
         parts[-1] += f" ({', '.join(others)})"
     parts += [f"{k} {m[k]:.4f}" for k in ("val_loss_total", "val_balanced_accuracy", "val_tal_balanced_accuracy",
-                                          "val_average_mAP") if k in m]
+                                          "val_tal_background_top_share", "val_average_mAP") if k in m]
     parts += [f"lr {m['lr']:.3g}", f"{m[f'{stage.samples}_per_sec']:.2f} {stage.samples}/s"]
     if "data_wait_share" in m:
         parts.append(f"data wait {100 * m['data_wait_share']:.0f}%")

@@ -133,6 +133,17 @@ def test_demo_job_reports_its_branches_with_scores_memory_and_times(demo):
         assert report["data_seconds"][key] > 0, key
     for key in ("val_balanced_accuracy", "val_tal_balanced_accuracy"):
         assert 0.0 <= report["stage1"][key] <= 1.0, key
+    # where stage 1 puts the validation videos' background snippets: a share per class of its clip set
+    shares = {k[len("val_tal_background_as_"):]: v for k, v in report["stage1"].items()
+              if k.startswith("val_tal_background_as_")}
+    assert len(shares) == 7 and "still" in shares  # the six motion classes and the clip set's still class
+    assert sum(shares.values()) == pytest.approx(1.0) and report["stage1"]["val_tal_background_top_share"] == max(
+        shares.values())
+    for branch in BRANCH_STAGES:  # AP per class of the ground truth's classes
+        assert set(report[branch]["per_class_average_AP"]) <= set(shares) - {"still"}
+    # Ray's own messages are in the log file, not in the job's output
+    assert "execution finished" not in output and "core_worker" not in output
+    assert "Dataset" in (out / "lofi.log").read_text()
     for rel in ("data/annotations.json", "prepared/manifest.json", "runs/demo-smoke/lofi/train/encoder.pt",
                 "runs/demo-smoke/baseline/features/features_manifest.json", "runs/demo-smoke/lofi/head/model.pt",
                 "runs/demo-smoke/lofi/detect/predictions.json"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lofi.clips import class_weights, classification_metrics, random_resized_crop, recall_counts, temporal_window
+from lofi.clips import (class_weights, classification_metrics, random_resized_crop, random_side, recall_counts,
+                        temporal_window)
 
 
 def _numbered_clips(b: int, f: int, size: int = 8) -> torch.Tensor:
@@ -41,6 +42,25 @@ def test_random_crop_keeps_shape_and_a_motion_direction():
     centre = (columns * torch.arange(32.0)).sum(-1) / columns.sum(-1)  # (B, F)
     assert (centre[:, 1:] > centre[:, :-1]).all()
     assert random_resized_crop(clips, 1.0) is clips
+
+
+def test_multi_scale_draws_sides_in_range_and_resizes_a_batch_keeping_the_motion():
+    torch.manual_seed(2)
+    sides = {random_side(64, 0.5) for _ in range(400)}
+    assert min(sides) == 32 and max(sides) == 64 and len(sides) > 25  # uniform over [0.5, 1] of the side
+    assert random_side(64, 1.0) == 64
+    clips = torch.zeros(4, 4, 32, 32, 3, dtype=torch.uint8)
+    for f in range(4):  # a bright column moving right by 4 px per frame
+        clips[:, f, :, 4 + 4 * f:8 + 4 * f] = 255
+    for scale in (1.0, 0.7):
+        out = random_resized_crop(clips, scale, size_px=16)
+        assert out.shape == (4, 4, 16, 16, 3) and out.dtype == torch.uint8
+        columns = out[..., 0].float().mean(dim=2)
+        centre = (columns * torch.arange(16.0)).sum(-1) / columns.sum(-1)  # (B, F)
+        assert (centre[:, 1:] > centre[:, :-1]).all()
+    # no crop: the whole frame is resized, so the column lands at half its place
+    whole = random_resized_crop(clips, 1.0, size_px=16)[0, 0, 0, :, 0].float()
+    assert whole[2:4].min() > 200 and whole[:1].max() < 60 and whole[5:].max() < 60
 
 
 def test_class_weights_equalise_total_weight_per_present_class():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lofi.config import ConfigError, load_config
@@ -113,3 +115,13 @@ def test_resolve_level_defines_new_levels_only_when_complete():
         resolve_level("t50", {"t50": LevelOverride(num_snippets=50)})
     with pytest.raises(LofiError, match="size_px must be >= 1"):
         resolve_level("full", {"full": LevelOverride(size_px=0)})
+
+
+def test_a_level_keeping_the_full_levels_frame_spacing_is_another_level_of_the_same_pixels():
+    t_lofi = resolve_level("t_lofi", {"t_lofi": LevelOverride(num_snippets=25, spacing_snippets=100)})
+    spread = resolve_level("t_lofi", {"t_lofi": LevelOverride(num_snippets=25)})
+    assert (t_lofi.frame_grid, spread.frame_grid) == (100, 25)
+    assert t_lofi.pixels_per_video() == spread.pixels_per_video()  # the same memory, other frames
+    assert not t_lofi.same_frames(spread) and spread.same_frames(dataclasses.replace(spread, spacing_snippets=25))
+    with pytest.raises(LofiError, match="spacing_snippets must be 0"):
+        resolve_level("t_lofi", {"t_lofi": LevelOverride(num_snippets=25, spacing_snippets=10)})

@@ -16,6 +16,21 @@ def test_grid_times_are_sub_bin_centres():
     np.testing.assert_allclose(times, [[1.25, 3.75], [6.25, 8.75]])
 
 
+def test_grid_spacing_of_a_finer_grid_keeps_the_full_levels_frame_spacing():
+    # 32 s, T=2 snippets of 16 s, F=2 frames spaced as on a grid of G=8 snippets (4 s each, frames
+    # 2 s apart): each snippet's pair sits 1 s either side of its centre (8 s, 24 s).
+    times = sampling.grid_times_sec(32.0, 2, 2, spacing_snippets=8)
+    np.testing.assert_allclose(times, [[7.0, 9.0], [23.0, 25.0]])
+    # the same pair a T=8 grid takes for its snippets 1 and 5 (centres 6 s and 22 s), shifted to the
+    # coarse snippets' centres: the spacing, not the place, is the full level's
+    full = sampling.grid_times_sec(32.0, 8, 2)
+    np.testing.assert_allclose(np.diff(full, axis=1)[[1, 5]], np.diff(times, axis=1))
+    # G equal to T is the plain grid
+    np.testing.assert_allclose(sampling.grid_times_sec(10.0, 2, 2, spacing_snippets=2), sampling.grid_times_sec(10.0, 2, 2))
+    with pytest.raises(ValueError, match="spacing_snippets"):
+        sampling.grid_times_sec(10.0, 4, 2, spacing_snippets=2)  # frames would leave their snippet
+
+
 def test_grid_single_frame_is_snippet_centre():
     np.testing.assert_allclose(sampling.grid_times_sec(9.0, 3, 1), [[1.5], [4.5], [7.5]])
 

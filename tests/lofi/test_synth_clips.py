@@ -69,7 +69,7 @@ def test_clips_load_as_trimmed_clips_with_the_project_reader(clips_dir):
 
 def test_same_seed_same_bytes_and_frames(clips_dir, tmp_path):
     again = tmp_path / "again"
-    run_clips(again)
+    run_clips(again, "--workers", "1")  # the fixture's clips came from one process per core: the same bytes
     names = sorted(p.name for p in (clips_dir / "videos").iterdir())
     assert names == sorted(p.name for p in (again / "videos").iterdir())
     assert (clips_dir / "clips.csv").read_bytes() == (again / "clips.csv").read_bytes()
@@ -94,6 +94,19 @@ def test_the_actor_moves_on_every_frame_of_a_clip_beside_static_objects(label):
         if label in ("grow", "shrink"):
             steps = np.diff(scene.radius_px[0])
             assert (steps > 0).all() if label == "grow" else (steps < 0).all()
+
+
+def test_a_still_clip_shows_only_objects_at_rest_and_is_its_own_class():
+    from lofi.synth import ClipSynthConfig
+    from lofi.synth.clips import plan_clips
+
+    for seed in range(5):
+        scene, _ = build_clip_scene(np.random.default_rng(seed), "still", 20, 10.0, 64)
+        for track in (scene.x_px, scene.y_px, scene.angle_rad, scene.radius_px):
+            assert np.all(np.abs(np.diff(track, axis=1)) < 1e-9)  # nothing changes on any frame
+    labels = [p.label for p in plan_clips(ClipSynthConfig(num_clips=70, still_class=True))]
+    assert {labels.count(name) for name in (*MOTION_CLASSES, "still")} == {10}  # seven balanced classes
+    assert "still" not in {p.label for p in plan_clips(ClipSynthConfig(num_clips=70))}
 
 
 def test_user_errors_name_the_option_and_refuse_to_clobber(clips_dir, capsys):

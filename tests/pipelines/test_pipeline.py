@@ -67,6 +67,10 @@ def test_one_command_runs_every_stage_and_reports_both_branches(first_run):
         external = json.loads((run / branch / "detect" / "predictions.json").read_text())["external_data"]
         assert external["used"] is False and "random initialisation" in external["details"], external
     assert set(report["lofi"]["stage_seconds"]) == {"pretrain", "train", "extract", "train_head", "detect"}
+    for branch in ("baseline", "lofi"):  # each class's AP over the thresholds, as detect's eval.json has it
+        per_class = json.loads((run / branch / "detect" / "eval.json").read_text())["per_class_ap"]
+        assert report[branch]["per_class_average_AP"] == {k: sum(v) / len(v) for k, v in per_class.items()}
+    assert "lofi pipeline: " in (run / "lofi.log").read_text()  # Ray's and MLflow's messages: in the run folder
     assert report["data_seconds"]["prepare"] > 0 and (run / "records" / "prepare.json").is_file()
 
 

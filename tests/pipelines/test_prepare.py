@@ -217,3 +217,37 @@ def test_killed_run_resumes_to_the_same_dataset(prepared, synth_small, tmp_path)
     on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")}
     listed = {f for lv in json.loads((out / "manifest.json").read_text())["levels"] for f in lv["shards"]}
     assert on_disk == listed and not (out / ".tmp").exists()
+
+
+def test_a_tuning_split_and_a_level_keeping_the_full_frame_spacing(ray_cluster, synth_small, tmp_path, capsys):
+    """Training videos held out as subset "tuning" (ids in the manifest, the same ones `lofi eval
+    --tuning-videos` relabels), and a 2-snippet level whose frames keep an 8-snippet grid's spacing."""
+    levels = [{"name": "full", "num_snippets": 8, "frames_per_snippet": 2, "size_px": 32},
+              {"name": "sparse", "num_snippets": 2, "frames_per_snippet": 2, "size_px": 32, "spacing_snippets": 8}]
+    cfg = from_dict(PrepareConfig, {**config_dict(synth_small, tmp_path / "out"), "levels": levels,
+                                    "max_error_fraction": 1.0,
+                                    "input": {**config_dict(synth_small, tmp_path)["input"], "tuning_fraction": 0.5,
+                                              "tuning_seed": 7}})
+    run(cfg, verbose=False)
+    database, good, _ = synth_facts(synth_small)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    training = sorted(v for v, e in database.items() if e["subset"] == "training")
+    tuning = manifest["tuning"]["video_ids"]
+    assert len(tuning) == round(len(training) / 2) and set(tuning) <= set(training)
+    table = read_level_table(tmp_path / "out", "sparse")
+    subsets = dict(zip(table.column("video_id").to_pylist(), table.column("subset").to_pylist()))
+    assert {v for v, s in subsets.items() if s == "tuning"} == set(tuning) & good
+    for row in table.to_pylist():  # frames 1/16 of the video apart, centred on each half's centre
+        times, d = np.asarray(row["timestamps_sec"]).reshape(2, 2), row["duration_sec"]
+        expected = [[d / 4 - d / 32, d / 4 + d / 32], [3 * d / 4 - d / 32, 3 * d / 4 + d / 32]]
+        np.testing.assert_allclose(times, expected, atol=0.05 + 1e-9)  # the nearest frames: within half a frame
+    # predictions equal to the tuning videos' ground truth score 1 on subset tuning, whose videos the
+    # annotation file calls training
+    results = {v: [{"label": s["label"], "score": 1.0, "segment": s["segment"]} for s in database[v]["annotations"]]
+               for v in tuning}
+    (tmp_path / "pred.json").write_text(json.dumps({"results": results}))
+    assert lofi_main(["eval", "--ground-truth", str(synth_small / "annotations.json"), "--predictions",
+                      str(tmp_path / "pred.json"), "--subset", "tuning", "--tuning-videos",
+                      str(tmp_path / "out" / "manifest.json"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["num_videos"] == len(tuning) and scored["average_mAP"] == pytest.approx(1.0)

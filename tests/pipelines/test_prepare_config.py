@@ -87,7 +87,7 @@ def test_annotation_errors_raise_by_default_and_skip_or_keep_on_request(tmp_path
                                                                       {"segment": [5.0, 6.0], "label": "x"}]}}}))
     with pytest.raises(LofiError, match="'b'"):
         load_videos(InputConfig(str(path), "videos"))
-    skipped, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="skip"))
+    skipped, _, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="skip"))
     assert [len(v.segments) for v in skipped] == [1, 1]  # the zero-length segment of b dropped
-    kept, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="keep"))
+    kept, _, _ = load_videos(InputConfig(str(path), "videos", annotation_errors="keep"))
     assert [len(v.segments) for v in kept] == [1, 2]

@@ -57,7 +57,8 @@ def write_configs(tmp: Path, data: Path, address: str) -> tuple[Path, Path]:
     sweep = {
         "name": "tiny", "storage": str(tmp / "sweeps"), "pipeline": str(tmp / "pipeline.yaml"),
         "space": {"fidelity.kind": {"grid": ["full", "s_lofi"]}, "train.lr": {"grid": [GOOD_LR, BAD_LR]}},
-        "search": {"metric": "val_loss_total", "mode": "min", "grace_period_epochs": 1, "reduction_factor": 2,
+        "search": {"metric": "val_loss_total", "mode": "min", "score_subset": "training",  # see data.val_subset
+                   "grace_period_epochs": 1, "reduction_factor": 2,
                    "max_concurrent_trials": 1, "budget_gb": 0.0},
     }
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
@@ -191,3 +192,20 @@ def test_a_finished_sweep_leaves_every_cpu_free_for_the_next_job(swept, ray_clus
     while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, ray_cluster.available_resources()
         time.sleep(1)
+
+
+def test_trials_are_scored_on_the_tuning_split_which_the_data_must_have(dataset, tmp_path, capsys):
+    pipeline, sweep = write_configs(tmp_path, dataset, "")
+    config = yaml.safe_load(sweep.read_text())
+    config["search"].pop("score_subset")  # the default: tuning
+    sweep.write_text(yaml.safe_dump(config))
+    assert lofi_main(["sweep", "--config", str(sweep)]) == 2  # before any work: no Ray, no prepare
+    err = capsys.readouterr().err
+    assert "search.score_subset is tuning" in err and "prepare.tuning_fraction" in err
+    assert not (tmp_path / "runs").exists()
+    from tuning.config import SweepConfig
+    from lofi.config import load_config as load
+
+    scfg = load(SweepConfig, sweep, [f"pipeline={pipeline}"])
+    trial = scfg.trial_config(scfg.base_config(), {}, "trial-00")
+    assert trial.data.val_subset == "tuning"  # a trial's own validation: the held-out training videos
