@@ -49,9 +49,7 @@ def random_resized_crop(clips: torch.Tensor, min_scale: float, size_px: int | No
     if min_scale >= 1.0:
         if (out_h, out_w) == (h, w):
             return clips
-        frames = clips.reshape(b * f, h, w, c).permute(0, 3, 1, 2).float()  # (B*F, C, H, W)
-        resized = F.interpolate(frames, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
-        return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(b, f, out_h, out_w, c)
+        return _resize(clips.reshape(b * f, h, w, c), out_h, out_w).reshape(b, f, out_h, out_w, c)
     out = torch.empty((b, f, out_h, out_w, c), dtype=clips.dtype, device=clips.device)
     scales = min_scale + (1.0 - min_scale) * torch.rand(b)
     for i in range(b):
@@ -59,10 +57,15 @@ def random_resized_crop(clips: torch.Tensor, min_scale: float, size_px: int | No
         side_w = max(2, round(w * float(scales[i]) ** 0.5))
         top = int(torch.randint(0, h - side_h + 1, (1,)))
         left = int(torch.randint(0, w - side_w + 1, (1,)))
-        crop = clips[i, :, top:top + side_h, left:left + side_w].permute(0, 3, 1, 2).float()  # (F, C, h', w')
-        resized = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
-        out[i] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (F, H', W', C)
+        out[i] = _resize(clips[i, :, top:top + side_h, left:left + side_w], out_h, out_w)  # (F, H', W', C)
     return out
+
+
+def _resize(frames: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """uint8 frames (N, h, w, C) resized to (N, out_h, out_w, C): bilinear, antialiased, rounded."""
+    resized = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(out_h, out_w), mode="bilinear",
+                            align_corners=False, antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def class_weights(counts: Sequence[int]) -> list[float]:

@@ -71,10 +71,14 @@ class FidelityLevel:
         """G: the grid whose frame spacing the level keeps (its own T when spacing_snippets is 0)."""
         return self.spacing_snippets or self.num_snippets
 
+    @property
+    def frames_key(self) -> tuple[int, int, int, int]:
+        """What the level's shards hold, names aside: T, F, S and the frame grid G."""
+        return self.num_snippets, self.frames_per_snippet, self.size_px, self.frame_grid
+
     def same_frames(self, other: "FidelityLevel") -> bool:
         """Whether both levels sample the same frames of a video (names aside)."""
-        return (self.num_snippets, self.frames_per_snippet, self.size_px, self.frame_grid) == (
-            other.num_snippets, other.frames_per_snippet, other.size_px, other.frame_grid)
+        return self.frames_key == other.frames_key
 
     @property
     def frames_per_video(self) -> int:

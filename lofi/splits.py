@@ -30,7 +30,8 @@ class TuningSplit:
 
     def __post_init__(self) -> None:
         if not 0 <= self.fraction < 1:
-            raise ValueError(f"tuning fraction must be in [0, 1) (0: no tuning split), got {self.fraction}")
+            raise ValueError(f"tuning fraction (tuning_fraction) must be in [0, 1) (0: no tuning split), "
+                             f"got {self.fraction}")
 
     def choose(self, video_ids: Iterable[str]) -> tuple[str, ...]:
         """The held-out ids among `video_ids` (the source subset's), sorted: round(fraction * n) of them."""

@@ -28,6 +28,7 @@ from lofi.errors import LofiError
 from lofi.fidelity import FidelityLevel, FidelityScheduleConfig, resolve_level
 from lofi.heads import HeadConfig
 from lofi.models.encoders import EncoderConfig
+from lofi.splits import TuningSplit
 from pipelines.cluster import RayConfig
 from pipelines.storage import Location, location, uri_problem
 from pipelines.tracking import TrackingConfig
@@ -239,8 +240,7 @@ class PrepareSection:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if not 0 <= self.tuning_fraction < 1:
-            raise ValueError(f"tuning_fraction must be in [0, 1) (0: no tuning split), got {self.tuning_fraction}")
+        TuningSplit(self.tuning_fraction)  # checks the fraction
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "
 # "still": clips where nothing acts, a class of their own (lofi.synth.clips: without one, stage 1 can tell
 # rotate apart by elimination and never represent a turning object)
 CLIPS = {"num_clips": 2800, "still_class": True}
-LOG_FILE = "lofi.log"  # Ray's and MLflow's own messages (pipelines.logs), in OUT
 SMOKE_CLIPS = {"num_clips": 28, "still_class": True}
+LOG_FILE = "lofi.log"  # Ray's and MLflow's own messages (pipelines.logs), in OUT
 
 
 @dataclass(frozen=True)

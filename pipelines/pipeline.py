@@ -117,8 +117,8 @@ class PipelineOptions:
         """Levels the chosen branches train on beyond the config's schedule (the ablation's)."""
         from lofi.fidelity import FidelitySchedule
 
-        names = {b: stage2_config(cfg, b) for b in self.branches(cfg) if BRANCHES[b] is not None}
-        return tuple(level for c in names.values() for level in FidelitySchedule(c.fidelity).levels())
+        configs = [stage2_config(cfg, b) for b in self.branches(cfg) if BRANCHES[b] is not None]
+        return tuple(level for c in configs for level in FidelitySchedule(c.fidelity).levels())
 
     def branches(self, cfg: PipelineConfig) -> list[str]:
         """The branches to run, in table order; an ablation branch that trains what `lofi` trains is left out."""

@@ -138,8 +138,7 @@ class InputConfig:
     tuning_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.tuning_fraction < 1:
-            raise ValueError(f"tuning_fraction must be in [0, 1) (0: no tuning split), got {self.tuning_fraction}")
+        self.tuning_split()  # checks the fraction
 
     def tuning_split(self) -> TuningSplit:
         return TuningSplit(self.tuning_fraction, self.tuning_seed)

@@ -154,23 +154,18 @@ def load_or_plan(scfg: SweepConfig, base: PipelineConfig, resume: bool) -> list[
 
 # 3. data -------------------------------------------------------------------------------------
 
-def _frames_key(level: FidelityLevel) -> tuple[int, int, int, int]:
-    """What a level's shards hold: T, F, S and the frame grid (names aside)."""
-    return level.num_snippets, level.frames_per_snippet, level.size_px, level.frame_grid
-
-
 def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any]], parent: Any) -> PipelineConfig:
     """The base config pointing at shards that hold every level a launched trial reads."""
     from pipelines import pipeline, shards
 
     manifest = shards.read_manifest(base.data.shards)
-    present = {_frames_key(shards.grid_level(e)) for e in manifest["levels"] if e["num_snippets"] is not None}
+    present = {shards.grid_level(e).frames_key for e in manifest["levels"] if e["num_snippets"] is not None}
     missing: dict[tuple[int, int, int, int], FidelityLevel] = {}
     for trial in trials:
         if trial["status"] != "launched":
             continue
         for level in used_levels(scfg.trial_config(base, trial["overrides"], trial["trial"])):
-            shape = _frames_key(level)
+            shape = level.frames_key
             if shape not in present and shape not in missing:
                 grid = f"g{level.frame_grid}" if level.frame_grid != level.num_snippets else ""
                 missing[shape] = dataclasses.replace(
