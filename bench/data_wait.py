@@ -42,7 +42,7 @@ import torch
 from lofi.config import apply_overrides, from_dict, to_dict
 from lofi.errors import LofiError
 from pipelines.config import PipelineConfig
-from pipelines.demo import DemoOptions, clip_synth_config, resolve_config, synth_config
+from pipelines.stages.demo import DemoOptions, clip_synth_config, resolve_config, synth_config
 
 TARGET_SHARE = 0.10
 
@@ -50,7 +50,8 @@ TARGET_SHARE = 0.10
 def make_data(cfg: PipelineConfig, opts: DemoOptions) -> None:
     """The demo's synthetic videos and clips, and their shards; reused when made with the same settings."""
     from lofi.synth import CLIPS_SUMMARY_FILE, SUMMARY_FILE, generate, generate_clips
-    from pipelines import pipeline, prepare, shards
+    from pipelines.stages import pipeline
+    from pipelines.data import prepare, shards
 
     sets = ((Path(cfg.data.videos).parent, SUMMARY_FILE, synth_config(cfg, opts), generate),
             (Path(cfg.data.pretrain_videos).parent, CLIPS_SUMMARY_FILE, clip_synth_config(cfg, opts), generate_clips))
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [f"run.name={name}", "tracking.enabled=false", f"pretrain.epochs={args.epochs}",
             f"train.epochs={args.epochs}", *args.overrides]
     cfg = from_dict(PipelineConfig, apply_overrides(to_dict(cfg), sets))
-    from pipelines import pretrain, train
+    from pipelines.stages import pretrain, train
 
     stage1 = pretrain.run(cfg)
     checkpoint = f"encoder.checkpoint={stage1.artifacts['encoder']}"

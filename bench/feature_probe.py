@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.features import features_array, read_features
+from pipelines.data.features import features_array, read_features
 
 BACKGROUND = "background"
 

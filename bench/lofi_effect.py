@@ -31,9 +31,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipelines.demo import DemoOptions, run as run_demo
+from pipelines.stages.demo import DemoOptions, run as run_demo
 from pipelines.logs import output_to
-from pipelines.report import BRANCH_TITLES
+from pipelines.stages.report import BRANCH_TITLES
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}

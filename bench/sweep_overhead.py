@@ -66,7 +66,7 @@ def run_sweep(config: Path, name: str) -> dict:
 def run_by_hand(config: Path, kinds: list[str], tag: str) -> list[float]:
     """`lofi train` of each trial, one after another; seconds of each `run` call."""
     from lofi.config import load_config, replace
-    from pipelines import pipeline, train
+    from pipelines.stages import pipeline, train
     from pipelines.tracking import Tracker
     from tuning.config import SweepConfig
 

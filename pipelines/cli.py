@@ -17,18 +17,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "annotations": ("lofi.annotations_cli", "validate, summarise or convert an annotation file"),
     "eval": ("lofi.eval_cli", "score detections (mAP at tIoU thresholds) or proposals (AR@AN)"),
     "plan-memory": ("lofi.memory_cli", "activation memory per fidelity level and what fits a GPU budget"),
-    "prepare": ("pipelines.prepare", "decode videos with Ray Data into Arrow shards at fidelity levels"),
-    "pretrain": ("pipelines.pretrain", "stage 1: train the encoder as a clip classifier on trimmed clips (Ray Train)"),
-    "train": ("pipelines.train", "stage 2 (LoFi): train encoder + TAL head end to end at reduced fidelity (Ray Train)"),
-    "train-head": ("pipelines.train_head", "stage 3: train the TAL head on extracted features (Ray Train)"),
-    "extract": ("pipelines.extract", "run the frozen encoder over every video (Ray Data batch inference) into feature shards"),
-    "export-features": ("pipelines.export", "a features folder as npy + annotation JSON + class map for ActionFormer / OpenTAD"),
-    "detect": ("pipelines.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
-    "pipeline": ("pipelines.pipeline", "the whole method on your dataset as one job: prepare, stage 1, LoFi, features, "
+    "prepare": ("pipelines.data.prepare", "decode videos with Ray Data into Arrow shards at fidelity levels"),
+    "pretrain": ("pipelines.stages.pretrain", "stage 1: train the encoder as a clip classifier on trimmed clips (Ray Train)"),
+    "train": ("pipelines.stages.train", "stage 2 (LoFi): train encoder + TAL head end to end at reduced fidelity (Ray Train)"),
+    "train-head": ("pipelines.stages.train_head", "stage 3: train the TAL head on extracted features (Ray Train)"),
+    "extract": ("pipelines.stages.extract", "run the frozen encoder over every video (Ray Data batch inference) into feature shards"),
+    "export-features": ("pipelines.stages.export", "a features folder as npy + annotation JSON + class map for ActionFormer / OpenTAD"),
+    "detect": ("pipelines.stages.detect", "head on the validation features -> ActivityNet predictions (Soft-NMS, top-k) -> mAP"),
+    "pipeline": ("pipelines.stages.pipeline", "the whole method on your dataset as one job: prepare, stage 1, LoFi, features, "
                                        "head, detections, report"),
     "sweep": ("tuning.sweep", "sweep stage 2 over fidelity levels and other config keys with Ray Tune, "
                               "memory-aware, tracked in MLflow"),
-    "demo": ("pipelines.demo", "the main job: generate the demo dataset and run the pipeline on it"),
+    "demo": ("pipelines.stages.demo", "the main job: generate the demo dataset and run the pipeline on it"),
 }
 
 

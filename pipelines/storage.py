@@ -18,7 +18,7 @@ place). Object stores have no rename, but one object upload is atomic (readers s
 new object or none). So every output is written as: data objects under their final names
 (names that a retry rewrites identically), then one small record object written last; readers
 trust only what a record lists. `write_bytes`/`write_json` are atomic per file everywhere.
-Per output: shards (pipelines.shards) part files, then the part record, then the manifest;
+Per output: shards (pipelines.data.shards) part files, then the part record, then the manifest;
 training stages (`<run>/<stage>/`) their files, then the pipeline's stage record; Ray Train
 checkpoints are committed by Ray Train itself (its checkpoint snapshot).
 """

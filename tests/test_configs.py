@@ -14,7 +14,7 @@ from lofi.fidelity import PRESETS, FidelitySchedule
 from lofi.memory_cli import PlanMemoryConfig
 from pipelines.cli import COMMANDS
 from pipelines.config import PipelineConfig
-from pipelines.prepare import PrepareConfig
+from pipelines.data.prepare import PrepareConfig
 from tuning.config import SweepConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,15 +2,15 @@
 
 Phases:
     1. upstream  the pipeline's data preparation and stage 1 for the base config
-                 (`pipelines.pipeline.run_upstream`: reused when the pipeline already ran them)
+                 (`pipelines.stages.pipeline.run_upstream`: reused when the pipeline already ran them)
     2. plan      every trial's overrides drawn up front (tuning/space.py); each one's activation
-                 memory per training step from the memory planner (`pipelines.train`); a trial
+                 memory per training step from the memory planner (`pipelines.stages.train`); a trial
                  over `search.budget_gb` is not launched and is recorded with its figure, as is
                  one equivalent to an earlier trial (it differs only in levels it does not use)
     3. data      levels the trials need that the shards lack (e.g. s_lofi at other sizes) are
                  prepared into `<sweep>/prepared` beside the base levels (one decode per video)
     4. tune      one Tune trial per launched point: a function trainable that runs `lofi train`
-                 (`pipelines.train.run`, a Ray Train V2 TorchTrainer with its own ScalingConfig)
+                 (`pipelines.stages.train.run`, a Ray Train V2 TorchTrainer with its own ScalingConfig)
                  and forwards each epoch's report to Tune (TuneReportCallback); ASHA stops
                  trials that fall behind on `search.metric` (default val_average_mAP, the stage-2
                  model's own validation mAP at full fidelity); as many at once as the cluster holds
@@ -86,7 +86,7 @@ def effective_key(cfg: PipelineConfig) -> str:
 
 def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]:
     """Every point with its name, overrides, activation memory and whether it is launched."""
-    from pipelines import shards
+    from pipelines.data import shards
     from pipelines.step_memory import activation_memory_by_level
 
     params = check_keys(base, scfg.space)
@@ -120,7 +120,7 @@ def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]
 def check_score_subset(scfg: SweepConfig, base: PipelineConfig) -> None:
     """Before any work: trials scored on the tuning split need one, from prepare.tuning_fraction (the pipeline
     prepares the videos) or in the given shards' manifest."""
-    from pipelines import shards
+    from pipelines.data import shards
 
     if scfg.search.score_subset != "tuning":
         return
@@ -156,7 +156,8 @@ def load_or_plan(scfg: SweepConfig, base: PipelineConfig, resume: bool) -> list[
 
 def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str, Any]], parent: Any) -> PipelineConfig:
     """The base config pointing at shards that hold every level a launched trial reads."""
-    from pipelines import pipeline, shards
+    from pipelines.stages import pipeline
+    from pipelines.data import shards
 
     manifest = shards.read_manifest(base.data.shards)
     present = {shards.grid_level(e).frames_key for e in manifest["levels"] if e["num_snippets"] is not None}
@@ -191,7 +192,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any], 
     report forwarded to Tune by Ray Train's TuneReportCallback (Ray's pattern for Train V2)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines import train
+    from pipelines.stages import train
 
     point = config["point"]
     scfg = from_dict(SweepConfig, sweep)
@@ -298,7 +299,7 @@ def absolute(scfg: SweepConfig, base: PipelineConfig) -> tuple[SweepConfig, Pipe
 
 def run(scfg: SweepConfig, resume: bool = False) -> dict[str, Any]:
     """The whole sweep; returns the summary (also `<sweep>/summary.json`)."""
-    from pipelines import pipeline
+    from pipelines.stages import pipeline
     from pipelines.cluster import connect_ray
     from pipelines.tracking import Tracker
 

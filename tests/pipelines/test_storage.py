@@ -133,7 +133,7 @@ def s3_prepared(ray_cluster, s3_server, tiny_tal_videos, tmp_path_factory) -> st
 @pytest.mark.ray
 @pytest.mark.slow
 def test_prepare_and_train_on_s3_then_resume_from_the_bucket(s3_prepared):
-    from pipelines import shards
+    from pipelines.data import shards
     from pipelines.cli import main
 
     root = s3_prepared
@@ -178,7 +178,7 @@ def test_extract_train_head_and_detect_on_s3_commit_by_manifest(s3_prepared, tin
 
     from lofi.models.encoders import EncoderConfig, build_encoder
     from pipelines.cli import main
-    from pipelines.features import FEATURES_MANIFEST, features_dataset, read_features
+    from pipelines.data.features import FEATURES_MANIFEST, features_dataset, read_features
 
     # the encoder checkpoint is an object too (its sha1 goes into the manifest)
     torch.manual_seed(0)

@@ -512,7 +512,7 @@ def test_after_training_only_the_epochs_the_run_lacks_are_logged(sqlite_uri):
 
 def _write_head_features(folder: Path) -> None:
     """4 training videos of 8 snippets of 8 features, one action each (class a or b) on noise."""
-    from pipelines.features import FeatureWriter
+    from pipelines.data.features import FeatureWriter
 
     rng = np.random.default_rng(1)
     writer = FeatureWriter(folder, num_snippets=8, feature_dim=8)
@@ -550,7 +550,7 @@ def test_a_stage_logs_each_epoch_to_mlflow_while_it_trains_and_once(ray_cluster,
     from mlflow import MlflowClient
 
     from pipelines.config import PipelineConfig
-    from pipelines.train_head import run
+    from pipelines.stages.train_head import run
 
     cfg = from_dict(PipelineConfig, {
         "run": {"name": "live", "storage": str(tmp_path), "seed": 5},

@@ -174,7 +174,7 @@ def test_mlflow_holds_the_sweep_parent_with_a_child_per_launched_trial(swept):
 
 
 def test_the_killed_sweep_resumed_its_interrupted_trial_and_wrote_a_best_config_lofi_train_takes(swept):
-    from pipelines.train import _plan
+    from pipelines.stages.train import _plan
 
     tmp, summary, _, _ = swept
     # the interrupted trial went on from its epoch-0 checkpoint in its own folder (the last 2 are kept)

@@ -1,0 +1,265 @@
+"""`lofi demo`: the main job (`make demo`): the LoFi effect on a synthetic dataset, end to end.
+
+Phases (each prints progress and a summary; all tracked in MLflow as one parent run whose
+children are the stages):
+
+    1. data      `lofi synth` untrimmed videos + annotations in OUT/data and `lofi synth-clips`
+                 trimmed clips + clips.csv (Kinetics-style) in OUT/clips; `lofi prepare` shards
+                 in OUT/prepared (the full level and every level of the fidelity schedule) and
+                 OUT/prepared_clips (one level "clip": T=1, a clip per file)
+    2. stage 1   `lofi pretrain` on the clips (as the paper's Kinetics stage), scored every
+                 epoch on held-out clips and on the TAL validation videos' snippets
+                                                            -> OUT/runs/stage1/pretrain/encoder.pt
+    3. baseline  the frozen stage-1 encoder: extract full-fidelity features, train the head
+                 on them, detect on the validation videos   -> OUT/runs/baseline/
+    4. LoFi      `lofi train` (stage 2: encoder + head end to end at reduced fidelity, from the
+                 stage-1 encoder), then the same extract -> train-head -> detect with the
+                 stage-2 encoder                            -> OUT/runs/lofi/
+    5. full e2e  the same as 4 with stage 2 at full fidelity: the upper bound LoFi approximates,
+                 at several times its activation memory     -> OUT/runs/full_end_to_end/
+    6. report    table + OUT/report.json: mAP per tIoU, average mAP, activation memory, wall
+                 time per stage, stage-1 accuracies; and how to open the MLflow UI
+
+Fair comparison: every branch starts from the same stage-1 encoder, trains the same head
+config with the same recipe (`train_head`) and seed, and is scored on the same validation
+videos; the stage-2 branches differ from the baseline only by stage 2, which trains the
+encoder, and from each other only by `fidelity.kind`.
+
+Reuse: the synthetic sets are regenerated only when their config changes (their summary
+files hold it); every later stage is reused by `lofi pipeline`'s records (<run>/records/).
+`--overwrite` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lofi.config import apply_overrides, from_dict, load_yaml, to_dict
+from lofi.errors import LofiError, cli_errors
+from pipelines.config import PipelineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "deploy/configs/pipeline/demo.yaml"
+SMOKE_CONFIG = "deploy/configs/pipeline/demo_smoke.yaml"
+# The synthetic TAL dataset (lofi.synth.SynthConfig fields); frames are drawn at the full level's size.
+# 140 videos, 35 of them validation: few validation videos make average mAP swing by points.
+SYNTH = {"num_videos": 140, "val_fraction": 0.25, "min_duration_sec": 24.0, "max_duration_sec": 36.0,
+         "min_instance_sec": 3.0, "max_instance_sec": 6.0, "fps": 10.0, "scene": "simple"}
+SMOKE_SYNTH = {"num_videos": 6, "val_fraction": 0.2, "min_duration_sec": 10.0, "max_duration_sec": 16.0,
+               "min_instance_sec": 2.0, "max_instance_sec": 4.0, "fps": 8.0, "scene": "simple"}
+# Stage 1's own trimmed clips (lofi.synth.ClipSynthConfig fields), as Kinetics is the paper's stage 1.
+# "still": clips where nothing acts, a class of their own (lofi.synth.clips: without one, stage 1 can tell
+# rotate apart by elimination and never represent a turning object)
+CLIPS = {"num_clips": 2800, "still_class": True}
+SMOKE_CLIPS = {"num_clips": 28, "still_class": True}
+LOG_FILE = "lofi.log"  # Ray's and MLflow's own messages (pipelines.logs), in OUT
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: str = "demo_out"
+    config: str | None = None  # default: DEFAULT_CONFIG (SMOKE_CONFIG with smoke)
+    overrides: tuple[str, ...] = ()
+    videos: int | None = None
+    clips: int | None = None  # stage 1's trimmed clips
+    seed: int | None = None  # seeds the dataset and training (run.seed)
+    full_end_to_end: bool = True  # the third row: stage 2 at full fidelity (the upper bound LoFi approximates)
+    ablation: bool = False  # the paper's ablation rows: each reduced level alone, C-LoFi's other cycle
+    smoke: bool = False
+    overwrite: bool = False
+
+
+# 1. config and data --------------------------------------------------------------------------
+
+def config_path(opts: DemoOptions) -> Path:
+    """The config file; a default one is found in the repository when run from elsewhere."""
+    name = opts.config or (SMOKE_CONFIG if opts.smoke else DEFAULT_CONFIG)
+    path = Path(name)
+    if not path.is_file() and opts.config is None and (REPO / name).is_file():
+        path = REPO / name
+    return path
+
+
+def resolve_config(opts: DemoOptions) -> PipelineConfig:
+    """The demo's pipeline config: the file, its paths under OUT, then --seed and --set."""
+    out = Path(opts.out).resolve()
+    path = config_path(opts)
+    data = load_yaml(path)
+    from lofi.synth import ANNOTATIONS_FILE, CLIPS_FILE, VIDEO_DIR
+
+    derived: list[tuple[str, Any]] = [
+        ("run.storage", str(out / "runs")), ("data.videos", str(out / "data" / VIDEO_DIR)),
+        ("data.annotations", str(out / "data" / ANNOTATIONS_FILE)), ("data.shards", str(out / "prepared")),
+        ("data.pretrain_videos", str(out / "clips" / VIDEO_DIR)),
+        ("data.pretrain_annotations", str(out / "clips" / CLIPS_FILE)),
+        ("data.pretrain_shards", str(out / "prepared_clips"))]
+    if opts.seed is not None:
+        derived.append(("run.seed", opts.seed))
+    tracking = data.get("tracking", {}) or {}
+    if not tracking.get("tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        derived.append(("tracking.tracking_uri", f"sqlite:///{out / 'mlflow.db'}"))
+    try:
+        return from_dict(PipelineConfig, apply_overrides(data, [*derived, *opts.overrides]))
+    except LofiError as err:
+        raise LofiError(f"{path}: {err}") from None
+
+
+def synth_config(cfg: PipelineConfig, opts: DemoOptions):
+    from lofi.fidelity import resolve_level
+    from lofi.synth import SynthConfig
+
+    size = resolve_level(cfg.data.full_level, cfg.fidelity.overrides).size_px
+    fields = {**(SMOKE_SYNTH if opts.smoke else SYNTH), "size_px": size + size % 2, "seed": cfg.run.seed}
+    if opts.videos is not None:
+        fields["num_videos"] = opts.videos
+    return from_dict(SynthConfig, fields)
+
+
+def clip_synth_config(cfg: PipelineConfig, opts: DemoOptions):
+    """The stage-1 clip set: the TAL videos' frame size and rate, its own seed stream."""
+    from lofi.synth import ClipSynthConfig
+
+    synth = synth_config(cfg, opts)
+    fields = {**(SMOKE_CLIPS if opts.smoke else CLIPS), "size_px": synth.size_px, "fps": synth.fps,
+              "seed": cfg.run.seed}
+    if opts.clips is not None:
+        fields["num_clips"] = opts.clips
+    return from_dict(ClipSynthConfig, fields)
+
+
+def _synthesise(parent, name: str, folder: Path, summary_name: str, config: Any, make: Callable[[], Any]) -> float:
+    """Generate one synthetic set into `folder` unless the same config already made it; seconds taken."""
+    start = time.perf_counter()
+    summary_file = folder / summary_name
+    with parent.child(name, tags={"stage": name}) as run:
+        if summary_file.is_file() and json.loads(summary_file.read_text()).get("config") == to_dict(config):
+            print(f"lofi demo: reusing the {name} output in {folder}", flush=True)
+        else:
+            if summary_file.is_file():
+                raise LofiError(f"{folder} holds data made with other settings (--videos, --clips, --seed, "
+                                "--smoke or the full level's size_px); pass --overwrite to start over")
+            print("\n".join(make().lines()), flush=True)
+        run.log_config(config)
+    return time.perf_counter() - start
+
+
+def make_data(cfg: PipelineConfig, opts: DemoOptions, parent) -> dict[str, float]:
+    """Synthesise (or reuse) the TAL videos and stage 1's clips; seconds taken by each."""
+    from lofi.synth import CLIPS_SUMMARY_FILE, SUMMARY_FILE, generate, generate_clips
+
+    data_dir, clips_dir = Path(cfg.data.videos).parent, Path(cfg.data.pretrain_videos).parent
+    synth, clips = synth_config(cfg, opts), clip_synth_config(cfg, opts)
+    return {
+        "synth": _synthesise(parent, "synth", data_dir, SUMMARY_FILE, synth,
+                             lambda: generate(data_dir, synth, overwrite=True)),
+        "synth_clips": _synthesise(parent, "synth_clips", clips_dir, CLIPS_SUMMARY_FILE, clips,
+                                   lambda: generate_clips(clips_dir, clips, overwrite=True)),
+    }
+
+
+# 4. entry points -----------------------------------------------------------------------------
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: remove what earlier runs wrote (the MLflow database keeps their history)."""
+    for name in ("data", "clips", "prepared", "prepared_clips", "runs", "report.json"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run(opts: DemoOptions) -> dict[str, Any]:
+    """The whole demo; returns the report (also written to OUT/report.json)."""
+    from pipelines.stages import pipeline
+    from pipelines.tracking import Tracker
+
+    start = time.perf_counter()
+    cfg = resolve_config(opts)
+    out = Path(opts.out).resolve()
+    if opts.overwrite:
+        clear_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Tracker.start(cfg.tracking, cfg.run.name, tags={"stage": "demo", "lofi.out_dir": str(out)}) as parent:
+        parent.log_config(cfg)
+        data_seconds = make_data(cfg, opts, parent)
+        report = pipeline.run(cfg, pipeline.PipelineOptions(baseline=True, full_end_to_end=opts.full_end_to_end,
+                                                            ablation=opts.ablation, log_prefix="lofi demo"),
+                              parent, data_seconds)
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"lofi demo: report in {out / 'report.json'}; files in {out}: data/ (videos, annotations.json), clips/ "
+          "(stage 1's clips, clips.csv), prepared/ and prepared_clips/ (shards), "
+          f"runs/{cfg.run.name}/ (stage1/pretrain/encoder.pt; baseline/, lofi/, full_end_to_end/ with features/, "
+          "head/model.pt, detect/predictions.json, detect/eval.json; lofi/train/, full_end_to_end/train/: stage 2)",
+          flush=True)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lofi demo",
+        description="The main job: generate a synthetic TAL dataset (untrimmed videos whose classes only motion "
+                    "tells apart) and a Kinetics-style set of trimmed clips of the same classes, then run `lofi "
+                    "pipeline` on them: shards at full and LoFi fidelity, stage 1 (clip classification on the "
+                    "clips), and three branches from that encoder: (a) the baseline, the head trained on the frozen "
+                    "encoder's full-fidelity features; (b) LoFi, stage-2 end-to-end training at reduced fidelity "
+                    "before the same feature extraction and head training; (c) stage 2 at full fidelity, the upper "
+                    "bound. Prints a table (mAP per tIoU, activation memory, wall time per stage, stage-1 "
+                    "accuracies), writes OUT/report.json, tracks all stages in MLflow (one parent run, stages as "
+                    "child runs) and says how to open the MLflow UI. A rerun reuses finished stages whose settings "
+                    "did not change. About 14 minutes on 2 CPU cores.",
+        epilog="Sizes of the fidelity levels, encoder, head and training are in the config "
+               f"({DEFAULT_CONFIG}, with comments), those of the data in pipelines/stages/demo.py; the demo sets "
+               "run.storage, data.videos, data.annotations, data.shards, data.pretrain_videos, "
+               "data.pretrain_annotations and data.pretrain_shards under OUT and, without tracking.tracking_uri or "
+               "MLFLOW_TRACKING_URI, tracks to sqlite:///OUT/mlflow.db.")
+    parser.add_argument("--out", default="demo_out", metavar="DIR",
+                        help="folder for everything the demo writes (default: demo_out)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"pipeline config (default: {DEFAULT_CONFIG}; with --smoke: {SMOKE_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one pipeline config value by its dotted key, e.g. --set train.epochs=4; repeatable")
+    parser.add_argument("--videos", type=int, metavar="N",
+                        help=f"number of synthetic videos (default {SYNTH['num_videos']}, with --smoke "
+                             f"{SMOKE_SYNTH['num_videos']}); a quarter of them are validation videos (a fifth with --smoke)")
+    parser.add_argument("--clips", type=int, metavar="N",
+                        help=f"number of stage 1's synthetic trimmed clips (default {CLIPS['num_clips']}, with --smoke "
+                             f"{SMOKE_CLIPS['num_clips']})")
+    parser.add_argument("--no-full-end-to-end", dest="full_end_to_end", action="store_false",
+                        help="skip the third row, stage 2 at full fidelity (the upper bound LoFi approximates; on a "
+                             "GPU it may not fit in memory, which is the point of LoFi)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="add the paper's ablation rows, from the same stage-1 encoder with the same head recipe: "
+                             "T-LoFi, S-LoFi and ST-LoFi alone and C-LoFi with the short cycle (about 8 more "
+                             "minutes; bench/lofi_effect.py runs it over seeds)")
+    parser.add_argument("--seed", type=int, metavar="S",
+                        help="seed of the synthetic dataset and of training (run.seed; default: the config's)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiniest sizes (6 short videos, tiny levels and models, one epoch per stage): "
+                             "checks that everything runs, in about 2-3 minutes; its numbers mean nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete OUT's data, shards, runs and report and start over (needed after changing "
+                             "--videos, --seed or the level sizes); the MLflow database keeps its history")
+    return parser
+
+
+@cli_errors("demo")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.videos is not None and args.videos < 2:
+        raise LofiError("--videos must be at least 2 (a training and a validation video)")
+    from pipelines.logs import output_to
+
+    with output_to(Path(args.out) / LOG_FILE, "lofi demo"):
+        run(DemoOptions(out=args.out, config=args.config, overrides=tuple(args.overrides), videos=args.videos,
+                        clips=args.clips, seed=args.seed, smoke=args.smoke, overwrite=args.overwrite,
+                        full_end_to_end=args.full_end_to_end, ablation=args.ablation))
+    return 0
