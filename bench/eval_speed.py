@@ -124,7 +124,7 @@ def lofi_phases(pred_path: Path, rounds: int) -> dict[str, float]:
     from lofi.evaluation.stage import EvalConfig, load_ground_truth
 
     cfg = EvalConfig(ground_truth=str(GT_FILE), metadata=str(META_FILE), predictions=str(pred_path))
-    code = "import time, lofi.eval_cli; print(time.process_time())"
+    code = "import time, lofi_cli.eval; print(time.process_time())"
     best: dict[str, float] = {}
     for _ in range(rounds):
         phases = {"interpreter + imports": float(timed_child([sys.executable, "-c", code])[2])}
@@ -168,7 +168,7 @@ def main() -> int:
         pred_path = Path(tmp) / "pred.json"
         save_predictions(det, pred_path)
         print(f"predictions file: {pred_path.stat().st_size / 1e6:.1f} MB")
-        lofi_argv = [sys.executable, "-m", "pipelines.cli", "eval", "--ground-truth", str(GT_FILE),
+        lofi_argv = [sys.executable, "-m", "lofi_cli", "eval", "--ground-truth", str(GT_FILE),
                      "--metadata", str(META_FILE), "--predictions", str(pred_path), "--json"]
         ref_argv = [sys.executable, str(Path(__file__).resolve()), "--plain-reference", str(GT_FILE), str(pred_path)]
         runs: dict[str, list[tuple[float, float]]] = {"lofi": [], "ref": []}

@@ -5,7 +5,7 @@ snippet, one video per step; levels full (T=100, S=224), S-LoFi (100, 112), T-Lo
 and ST-LoFi (50, 158); with and without activation checkpointing of all four ResNet stages.
 
 How it stays within this machine's memory and ~5 minutes:
-- memory: `lofi.memory_cli.run` (the `lofi plan-memory` planner): the encoder is measured on
+- memory: `lofi.memory_plan.run` (the `lofi plan-memory` planner): the encoder is measured on
   the meta device (exact bytes, no data) at 2 and 3 snippets and scaled exactly to T; the
   head runs on the CPU at its full T (2 and 3 videos). Full fidelity would need ~19 GiB of
   activations for one video.
@@ -32,7 +32,7 @@ from lofi.config import replace
 from lofi.fidelity import FidelityLevel
 from lofi.heads import HeadConfig, build_head, head_loss
 from lofi.memory import StepMemory, measure_encoder, measure_step, mib, synthetic_targets
-from lofi.memory_cli import PlanMemoryConfig, PlanRow, extrapolate, run
+from lofi.memory_plan import PlanMemoryConfig, PlanRow, extrapolate, run
 from lofi.models.encoders import EncoderConfig, build_encoder
 from lofi.models.resnet import CHECKPOINTABLE
 from lofi.targets import TALTargets
@@ -146,9 +146,7 @@ def direct_step(
 ) -> tuple[StepMemory, float]:
     """One full-size step of encoder + head + loss on `cfg.device`, measured, then timed."""
     device = torch.device(cfg.device)
-    enc_cfg = dataclasses.replace(cfg.model, checkpoint=None, amp_dtype=amp,
-                                  activation_checkpointing=tuple(cfg.checkpoint_stages) if ckpt else ())
-    encoder = build_encoder(enc_cfg).to(device).train()
+    encoder = build_encoder(cfg.row_encoder(ckpt, amp)).to(device).train()
     head = build_head(cfg.head, encoder.feature_dim, level.num_snippets, cfg.num_classes).to(device).train()
     T = level.num_snippets
     targets = synthetic_targets(1, T, cfg.head.resolved_max_duration(T), cfg.num_classes)

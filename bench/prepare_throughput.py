@@ -38,10 +38,11 @@ import ray
 
 from lofi import sampling
 from lofi.config import from_dict
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.data import shards
 from pipelines.data.decode import decode_batch, decode_geometry, level_times
-from pipelines.data.prepare import LevelSpec, PrepareConfig, run
+from pipelines.data.prepare import run
+from pipelines.data.prepare_config import LevelSpec, PrepareConfig
 
 DEMO_LEVEL = {"name": "demo", "num_snippets": 32, "frames_per_snippet": 4, "size_px": 112}
 HD_LEVEL = {"name": "hd", "num_snippets": 32, "frames_per_snippet": 8, "size_px": 224}

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
 
-    from pipelines.cli import main as lofi
+    from lofi_cli.commands import main as lofi
     from pipelines.cluster import RayConfig, connect_ray
 
     kinds = list(KINDS[: args.trials])

@@ -9,7 +9,6 @@ same rules, so the CLI, Tune search spaces and tests all go through one path.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import types
@@ -243,15 +242,3 @@ def replace(cfg: C, overrides: typing.Iterable = ()) -> C:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """The `--config FILE` and `--set key=value` options every stage takes."""
-    parser.add_argument("--config", default=default_config, metavar="FILE",
-                        help="YAML config file" + (f" (default: {default_config})" if default_config else ""))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value by its dotted key, e.g. --set data.num_snippets=25; repeatable")
-
-
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    return load_config(cls, args.config, args.overrides)

@@ -22,7 +22,7 @@ The figures come from the tensors' sizes only, so a step on the meta device (no 
 compute) measures the same bytes as on the CPU; meta runs the encoders, but not autocast or
 sparse ops (G-TAD), which run on the CPU.
 
-Scaling argument (used by the planner, `lofi.memory_cli`, which measures small and scales;
+Scaling argument (used by the planner, `lofi.memory_plan`, which measures small and scales;
 tests/lofi/test_memory.py checks the scaled figures against direct measurements). The
 encoder applies every op per frame except the temporal shift, which mixes frames only
 within a snippet; so every tensor of its step has a size affine in the number of snippets T

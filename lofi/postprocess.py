@@ -208,3 +208,15 @@ def postprocess_detections(
         duration = None if durations_sec is None else durations_sec[i]
         results[video_id] = to_activitynet_entries(seg, sc, kept_labels, class_names, duration)
     return results
+
+
+def detection_entries(out: Any, video_ids: Sequence[str], durations_sec: Sequence[float], class_names: Sequence[str],
+                      top_k_classes: int, top_k: int, sigma: float) -> dict[str, list[dict[str, Any]]]:
+    """A head's output for a batch of videos -> {video_id: ActivityNet entries}: candidates decoded
+    (`top_k_classes` per proposal), class-aware Soft-NMS, the best `top_k` kept. What `lofi detect`
+    and stage 2's validation pass both do, so the two mAPs are computed alike."""
+    from lofi.heads.common import decode_detections  # torch: only where a head's output is decoded
+
+    detections = decode_detections(out, list(durations_sec), top_k_classes)
+    return postprocess_detections(detections, list(video_ids), class_names, list(durations_sec), method="soft_nms",
+                                  class_aware=True, top_k=top_k, sigma=sigma)

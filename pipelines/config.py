@@ -9,11 +9,13 @@ are methods, never written back, so a stage's inputs and outputs follow from the
     <run.storage>/<run.name>/features/                extracted features (Parquet shards, optional npy/)
     <run.storage>/<run.name>/head/model.pt            stage 3 head trained on the features
     <run.storage>/<run.name>/detect/predictions.json  ActivityNet-format detections; detect/eval.json
-    <run.storage>/<run.name>/ray/<stage>/             Ray Train storage (checkpoints) of each stage
+    <run.storage>/<run.name>/detect/<subset>/         the same for another subset (detect.subset)
+    <run.storage>/<run.name>/ray/<stage>/             Ray Train storage (checkpoints) of each training stage
 
+Every path above comes from `RunSection`'s methods (`stage_location`, `features`, `head`,
+`detections`, `checkpoints`, `stage_outputs`): no other module spells the layout.
 `run.storage` is a local path or an object-store URI (`s3://bucket/prefix`, `gs://...`, `file:///...`;
-pipelines.storage): `run.location()` and `run.stage_location(stage)` name the outputs on either,
-`run.dir()` only a local one.
+pipelines.storage): those methods name the outputs on either, `run.dir()` only a local one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ from pipelines.cluster import RayConfig
 from pipelines.storage import Location, location, uri_problem
 from pipelines.tracking import TrackingConfig
 
+# The stages in run order (the pipeline's own prepare runs before them) and the folder of <run> each writes.
 STAGES = ("pretrain", "train", "extract", "train_head", "detect")
+STAGE_ORDER = ("prepare", *STAGES)
+STAGE_FOLDERS = {"pretrain": "pretrain", "train": "train", "extract": "features", "train_head": "head",
+                 "detect": "detect"}
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,33 @@ class RunSection:
         return location(self.storage, "run.storage", output=True) / self.name
 
     def stage_location(self, stage: str) -> Location:
+        """The folder `stage` writes its outputs to (extract's is `features/`, train_head's `head/`)."""
+        if stage not in STAGE_FOLDERS:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.location() / STAGE_FOLDERS[stage]
+
+    def features(self) -> Location:
+        """`<run>/features/`: what `lofi extract` writes and the head trains on."""
+        return self.stage_location("extract")
+
+    def head(self) -> Location:
+        """`<run>/head/`: the head `lofi train-head` trains (model.pt, model.json)."""
+        return self.stage_location("train_head")
+
+    def detections(self, subset: str = "") -> Location:
+        """`<run>/detect/` for the validation subset (`subset` empty), `<run>/detect/<subset>/` for another."""
+        out = self.stage_location("detect")
+        return out / subset if subset else out
+
+    def checkpoints(self, stage: str) -> Location:
+        """`<run>/ray/<stage>/`: Ray Train's run folder of a training stage (its epoch checkpoints)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        return self.location() / stage
+        return self.location() / "ray" / stage
+
+    def stage_outputs(self, stage: str) -> tuple[Location, ...]:
+        """Everything a stage run leaves in the run folder: deleted when its settings change."""
+        return self.stage_location(stage), self.checkpoints(stage)
 
     def dir(self) -> Path:
         """`<run.storage>/<run.name>` as a local path, for code that needs one; an object-store
@@ -72,11 +102,6 @@ class RunSection:
             raise LofiError(f"run.storage: {self.storage} is an object-store URI, but a local path is needed here; "
                             "use run.location() (every stage does), or set run.storage to a path")
         return Path(loc.uri)
-
-    def stage_dir(self, stage: str) -> Path:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        return self.dir() / stage
 
     def ray_storage(self) -> str:
         """Ray Train's storage_path (a path or a URI, which Ray Train opens with pyarrow.fs itself):
@@ -264,6 +289,11 @@ class PipelineConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def stage2_encoder(self) -> EncoderConfig:
+        """The encoder as stage 2 trains it: BatchNorm frozen with train.freeze_encoder_bn (the default).
+        Stage 2, the sweep's memory filter and the report's memory column all plan this one."""
+        return dataclasses.replace(self.encoder, freeze_bn=self.encoder.freeze_bn or self.train.freeze_encoder_bn)
 
     def head_level(self) -> FidelityLevel:
         """The full-fidelity grid the head runs on: `data.full_level`; when that is a fixed-stride level

@@ -118,7 +118,7 @@ def synth_small(tmp_path_factory) -> Path:
 
     Shared read-only by the preprocessing tests; copy it before changing anything.
     """
-    from pipelines.cli import main
+    from lofi_cli.commands import main
 
     out = tmp_path_factory.mktemp("synth") / "small"
     argv = ["synth", str(out), "--videos", "6", "--seed", "3", "--size-px", "64", "--fps", "10", "--corrupt", "3",
@@ -131,7 +131,7 @@ def synth_small(tmp_path_factory) -> Path:
 def tiny_tal_videos(tmp_path_factory) -> Path:
     """`lofi synth` output of 6 short 32 px videos (4 training, 2 validation) with 2-4 s instances:
     the data of the tests that run whole jobs (`lofi pipeline`, `lofi sweep`). Read-only."""
-    from pipelines.cli import main
+    from lofi_cli.commands import main
 
     out = tmp_path_factory.mktemp("tiny_tal") / "data"
     assert main(["synth", str(out), "--videos", "6", "--seed", "11", "--size-px", "32", "--val-fraction", "0.34",

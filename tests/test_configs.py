@@ -11,10 +11,10 @@ import yaml
 
 from lofi.config import load_config
 from lofi.fidelity import PRESETS, FidelitySchedule
-from lofi.memory_cli import PlanMemoryConfig
-from pipelines.cli import COMMANDS
+from lofi.memory_plan import PlanMemoryConfig
+from lofi_cli.commands import COMMANDS
 from pipelines.config import PipelineConfig
-from pipelines.data.prepare import PrepareConfig
+from pipelines.data.prepare_config import PrepareConfig
 from tuning.config import SweepConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ Phases:
     1. upstream  the pipeline's data preparation and stage 1 for the base config
                  (`pipelines.stages.pipeline.run_upstream`: reused when the pipeline already ran them)
     2. plan      every trial's overrides drawn up front (tuning/space.py); each one's activation
-                 memory per training step from the memory planner (`pipelines.stages.train`); a trial
+                 memory per training step from the memory planner (`lofi.memory_plan`, the figure stage 2 logs); a trial
                  over `search.budget_gb` is not launched and is recorded with its figure, as is
                  one equivalent to an earlier trial (it differs only in levels it does not use)
     3. data      levels the trials need that the shards lack (e.g. s_lofi at other sizes) are
@@ -27,7 +27,6 @@ is its child (per-epoch metrics live from the training loop; tags `lofi.trial`,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -35,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lofi.config import add_config_arguments, config_from_args, from_dict, replace, to_dict
-from lofi.errors import LofiError, cli_errors
+from lofi.config import from_dict, replace, to_dict
+from lofi.errors import LofiError
 from lofi.fidelity import FidelityLevel, FidelitySchedule
 from pipelines.config import PipelineConfig
 from pipelines.storage import location
@@ -87,11 +86,11 @@ def effective_key(cfg: PipelineConfig) -> str:
 def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]:
     """Every point with its name, overrides, activation memory and whether it is launched."""
     from pipelines.data import shards
-    from pipelines.step_memory import activation_memory_by_level
+    from lofi.memory_plan import saved_bytes_by_level
 
     params = check_keys(base, scfg.space)
     points = sample_points(params, scfg.search.num_samples, scfg.search.seed)
-    num_classes = len(shards.read_manifest(base.data.shards)["labels"])
+    num_classes = len(shards.read_manifest(base.data.shards).labels)
     budget = scfg.search.budget_bytes()
     trials, seen = [], {}
     width = max(2, len(str(len(points) - 1)))
@@ -100,8 +99,8 @@ def plan_trials(scfg: SweepConfig, base: PipelineConfig) -> list[dict[str, Any]]
         cfg = scfg.trial_config(base, overrides, name)
         levels = FidelitySchedule(cfg.fidelity).levels()
         head_t = cfg.head_level().num_snippets
-        memory = activation_memory_by_level(cfg, levels, head_t, num_classes,
-                                            cfg.train.per_worker_batch(cfg.scaling.num_workers))
+        memory = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, num_classes,
+                                      cfg.train.per_worker_batch(cfg.scaling.num_workers), head_snippets=head_t)
         peak = max(memory.values())
         status, note = "launched", ""
         key = effective_key(cfg)
@@ -127,7 +126,7 @@ def check_score_subset(scfg: SweepConfig, base: PipelineConfig) -> None:
     if base.data.videos:
         has_split = base.prepare.tuning_fraction > 0
     else:
-        has_split = bool(base.data.shards) and "tuning" in shards.read_manifest(base.data.shards)
+        has_split = bool(base.data.shards) and shards.read_manifest(base.data.shards).tuning is not None
     if not has_split:
         raise LofiError(f"{LOG}: search.score_subset is tuning, but the trials' data holds no tuning split: set "
                         "prepare.tuning_fraction (e.g. 0.2) in the pipeline config (or its sweep `set`) so that "
@@ -160,7 +159,7 @@ def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str
     from pipelines.data import shards
 
     manifest = shards.read_manifest(base.data.shards)
-    present = {shards.grid_level(e).frames_key for e in manifest["levels"] if e["num_snippets"] is not None}
+    present = {shards.grid_level(e).frames_key for e in manifest.levels if e.num_snippets is not None}
     missing: dict[tuple[int, int, int, int], FidelityLevel] = {}
     for trial in trials:
         if trial["status"] != "launched":
@@ -178,11 +177,8 @@ def ensure_levels(scfg: SweepConfig, base: PipelineConfig, trials: list[dict[str
         raise LofiError(f"{LOG}: the trials read levels {names} that {base.data.shards} lacks, and data.videos is "
                         "empty, so they cannot be prepared; set data.videos (and data.annotations) in the pipeline "
                         "config or its `set`, or prepare those levels into data.shards")
-    target = replace(base, [("data.shards", str(scfg.dir() / "prepared"))])
-    pcfg = pipeline.prepare_configs(target, extra_levels=tuple(missing.values()))["prepare"]
-    opts = pipeline.PipelineOptions(log_prefix=LOG)
-    pipeline.run_prepare("sweep_prepare", pcfg, parent, opts, location(str(scfg.dir()), "storage"))
-    return target
+    return pipeline.prepare_levels(base, tuple(missing.values()), str(scfg.dir() / "prepared"), "sweep_prepare",
+                                   parent, LOG, location(str(scfg.dir()), "storage"))
 
 
 # 4. tune -------------------------------------------------------------------------------------
@@ -330,36 +326,3 @@ def run(scfg: SweepConfig, resume: bool = False) -> dict[str, Any]:
         phases["tune"] = time.perf_counter() - start - sum(phases.values())
         summary = results.finish(scfg, base, trials, grid, parent, time.perf_counter() - start, phases)
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi sweep",
-        description="Sweep stage 2 (LoFi end-to-end training) over config keys with Ray Tune, e.g. fidelity kinds "
-                    "and level sizes, learning rates, memory switches. Data preparation and stage 1 come from the "
-                    "pipeline config (reused when `lofi pipeline` already ran them). Trials whose activation memory "
-                    "per step exceeds search.budget_gb are not launched; ASHA stops trials that fall behind on "
-                    "the per-epoch validation mAP. Ends with a table sorted by the metric; MLflow holds one parent "
-                    "run per sweep (results.csv, pareto.png, best_config.yaml) and one child run per trial.",
-        epilog="Config: a sweep YAML (deploy/configs/sweep/*.yaml) with name, storage, pipeline (the pipeline YAML "
-               "the trials start from), set (its overrides), space (dotted key -> {grid|choice: [...]} or "
-               "{uniform|loguniform: [low, high]}) and search (num_samples, seed, metric, mode, budget_gb, "
-               "scheduler asha|none, grace_period_epochs, reduction_factor, max_concurrent_trials). Watch a running "
-               "sweep in the Ray dashboard (http://127.0.0.1:8265, Jobs/Actors) and compare trials in the MLflow "
-               "UI (the command is printed at the end).")
-    add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep of the same name: finished trials are kept, unfinished "
-                             "and errored ones run again from their last epoch checkpoint")
-    return parser
-
-
-@cli_errors("sweep")
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.logs import output_to
-
-    args = build_parser().parse_args(argv)
-    scfg = config_from_args(SweepConfig, args)
-    with output_to(scfg.dir() / "lofi.log", LOG):
-        run(scfg, resume=args.resume)
-    return 0

@@ -12,6 +12,7 @@ from lofi.annotations.load import (
     FORMATS,
     end_tolerance_sec,
     load_annotations,
+    quiet_annotation_log,
     save_activitynet,
 )
 from lofi.annotations.predictions import detections_from_results, load_predictions, save_predictions
@@ -29,6 +30,6 @@ from lofi.annotations.types import (
 __all__ = [
     "END_TOLERANCE_FRACTION", "END_TOLERANCE_SEC", "FORMATS", "SUBSETS", "SUBSET_ALIASES",
     "AnnotationError", "AnnotationSet", "Detections", "LabelVocab", "Segment", "Video",
-    "detections_from_results", "end_tolerance_sec", "load_annotations", "load_predictions", "save_activitynet",
+    "detections_from_results", "end_tolerance_sec", "load_annotations", "load_predictions", "quiet_annotation_log", "save_activitynet",
     "save_predictions",
 ]

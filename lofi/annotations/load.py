@@ -23,17 +23,29 @@ ground truth both contain such segments (see the tests).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from lofi.annotations import sources
 from lofi.annotations.types import SUBSET_ALIASES, SUBSETS, AnnotationError, AnnotationSet, LabelVocab, Segment, Video
 
 log = logging.getLogger("lofi.annotations")
+
+
+@contextlib.contextmanager
+def quiet_annotation_log() -> Iterator[None]:
+    """Silence the loader's log while a caller reports the same warnings itself (`lofi eval`, detect)."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 END_TOLERANCE_SEC = 1.0
 END_TOLERANCE_FRACTION = 0.01

@@ -7,10 +7,10 @@ eval_proposal.py), vectorised with numpy; `lofi eval` is the command-line front 
 from lofi.evaluation.common import PROTOCOLS, read_blocked, segment_tiou, tiou_thresholds
 from lofi.evaluation.detection import DetectionResult, evaluate_detection, greedy_match, interpolated_ap
 from lofi.evaluation.proposals import AR_AT, ProposalResult, evaluate_proposals
-from lofi.evaluation.stage import EvalConfig, load_ground_truth, run_eval
+from lofi.evaluation.stage import EvalConfig, load_ground_truth, run_eval, score_in_memory
 
 __all__ = [
     "AR_AT", "PROTOCOLS", "DetectionResult", "EvalConfig", "ProposalResult", "evaluate_detection",
-    "evaluate_proposals", "greedy_match", "interpolated_ap", "load_ground_truth", "read_blocked", "run_eval",
+    "evaluate_proposals", "greedy_match", "interpolated_ap", "load_ground_truth", "read_blocked", "run_eval", "score_in_memory",
     "segment_tiou", "tiou_thresholds",
 ]

@@ -88,3 +88,17 @@ def run_eval(cfg: EvalConfig, tuning_ids: Iterable[str] = ()) -> tuple[dict[str,
         warnings.append(f"{cfg.predictions}: {result['num_predictions_outside_videos']} prediction(s) on videos "
                         f"outside the {cfg.subset} ground truth count as false positives, as in the official evaluator")
     return result, tuple(warnings)
+
+
+def score_in_memory(videos: Iterable[Any], labels: list[str], results: dict[str, list[dict[str, Any]]],
+                    protocol: str) -> dict[str, Any]:
+    """mAP of in-memory detections against in-memory ground truth: `videos` carry `video_id`,
+    `subset`, `duration_sec`, `segments_sec` and `labels` (e.g. pipelines' VideoLabel rows), as
+    stage 2's validation pass has them; the same scoring as `lofi eval`."""
+    from lofi.annotations import LabelVocab, Segment, Video, detections_from_results
+    from lofi.evaluation.common import PROTOCOLS
+
+    gt = AnnotationSet(tuple(Video(v.video_id, v.subset, v.duration_sec, segments=tuple(
+        Segment(s, e, name) for (s, e), name in zip(v.segments_sec, v.labels))) for v in videos),
+        LabelVocab.from_names(labels))
+    return evaluate_detection(gt, detections_from_results(results), PROTOCOLS[protocol]).to_json()

@@ -154,3 +154,9 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, fmt: str = "aut
         )
     model.load_state_dict({name: t for name, (_, t) in named.items()}, strict=True)
     return LoadedCheckpoint(str(path), used, dropped)
+
+
+def encoder_state(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A model's state dict whose encoder sits under `encoder.` (stage 1's ClipClassifier, stage 2's
+    TALModel) -> its VideoEncoder's (lofi naming: backbone.*), what encoder.pt files hold."""
+    return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}

@@ -34,6 +34,7 @@ from lofi.windows import cut_window, merge_window_detections, window_ground_trut
 from pipelines.data.batches import VIDEO_INDEX, VideoLabel
 from pipelines.config import DataSection, DetectSection
 from pipelines.data.features import tensor_numpy
+from pipelines.data.manifests import FeaturesManifest
 
 WINDOW_COLUMNS = ("features", VIDEO_INDEX, "duration_sec")
 
@@ -48,27 +49,28 @@ class Window:
     valid_end_sec: float  # min(window end, video duration): detections past it are dropped
 
 
-def uses_windows(manifest: dict[str, Any]) -> bool:
-    """Whether the features are fixed-stride, i.e. the head runs on windows (grid features: never)."""
-    return not manifest.get("fixed_grid", True)
+def uses_windows(manifest: FeaturesManifest) -> bool:
+    """Whether the features are fixed-stride, i.e. the head runs on windows (grid features, and folders
+    whose manifest does not say: never)."""
+    return manifest.fixed_grid is False
 
 
-def window_problems(data: DataSection, manifest: dict[str, Any], folder: Any) -> list[str]:
+def window_problems(data: DataSection, manifest: FeaturesManifest, folder: Any) -> list[str]:
     """What keeps windows from running on these features (empty for grid features)."""
     if not uses_windows(manifest):
         return []
     problems = []
     if not data.window_snippets:
-        problems.append(f"{folder}: features of level {manifest.get('level')!r} have a fixed stride (videos differ "
+        problems.append(f"{folder}: features of level {manifest.level!r} have a fixed stride (videos differ "
                         "in T): set data.window_snippets (e.g. 256) to run the head on windows of that many snippets")
-    if not (manifest.get("level_config") or {}).get("snippet_stride_sec"):
+    if not (manifest.level_config and manifest.level_config.snippet_stride_sec):
         problems.append(f"{folder}/features_manifest.json: no level_config.snippet_stride_sec; re-extract with this "
                         "version of `lofi extract`")
     return problems
 
 
-def stride_sec(manifest: dict[str, Any]) -> float:
-    return float(manifest["level_config"]["snippet_stride_sec"])
+def stride_sec(manifest: FeaturesManifest) -> float:
+    return float(manifest.level_config.snippet_stride_sec)
 
 
 def plan_windows(durations_sec: Mapping[str, float], data: DataSection, stride: float) -> dict[int, Window]:

@@ -2,9 +2,8 @@
 
 Layout of a features folder (`<run>/features/`, see pipelines/config.py):
 
-    features_manifest.json        written last: encoder (checkpoint, its sha1, name, width),
-                                  shards folder and level, feature_dim D, num_snippets T,
-                                  fixed_grid, counts per subset, label names, files, wall time
+    features_manifest.json        written last (pipelines/data/manifests.py: FeaturesManifest): encoder,
+                                  source shards and level, D, T, fixed_grid, counts, labels, files
     part-<name>.parquet           one row per video, any order (readers sort); only the files
                                   the manifest lists belong to the folder
     npy/<video_id>.npy            optional (extract.write_npy): float32 (T, D) per video, the
@@ -46,7 +45,7 @@ Readers for the other stages:
     features_dataset(dir, subset=None) -> ray.data.Dataset   for Ray Train: `features` arrives
         as a (B, T, D) tensor in iter_torch_batches (select numeric columns first: segments are
         ragged lists)
-    read_features_manifest(dir) -> dict
+    read_features_manifest(dir) -> FeaturesManifest (pipelines/data/manifests.py)
     feature_parts(dir, manifest=None) -> Iterator[Table]  one Parquet part at a time (lofi export-features)
 
 `lofi export-features` (pipelines/stages/export.py) turns a features folder into the per-video npy files,
@@ -55,19 +54,21 @@ annotation JSON and class map that ActionFormer and OpenTAD read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
+from pipelines.data.manifests import FeaturesCounts, FeaturesManifest
 from pipelines.data.shards import part_name, write_json_atomic
 from pipelines.storage import Location, location, read_parquet
 
@@ -166,9 +167,9 @@ def _write_part_files(folder: Path, name: str, meta: pa.Table, padded: np.ndarra
     return written
 
 
-def commit_folder(tmp: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def commit_folder(tmp: str | Path, out_dir: str | Path, manifest: FeaturesManifest) -> Path:
     """Write the manifest into `tmp` last, then move `tmp` into place (`replace_folder`)."""
-    write_json_atomic(Path(tmp) / FEATURES_MANIFEST, manifest)
+    write_json_atomic(Path(tmp) / FEATURES_MANIFEST, manifest.to_dict())
     return replace_folder(tmp, out_dir)
 
 
@@ -194,16 +195,15 @@ def begin_features(out: Location, write_npy: bool) -> str:
     return str(out / f"attempt-{uuid.uuid4().hex[:8]}")
 
 
-def commit_features(folder: str, out: Location, manifest: dict[str, Any]) -> Location:
+def commit_features(folder: str, out: Location, manifest: FeaturesManifest) -> Location:
     """Commit what `begin_features` started. Object stores: the manifest (its files made relative to
     `out`) is uploaded last, then every object under `out` of an older attempt is deleted."""
     if out.is_local:
         return Location(str(commit_folder(folder, out.uri, manifest)), out.key)
     attempt = features_location(folder).name
-    manifest = {**manifest, "files": sorted(f"{attempt}/{name}" for name in manifest["files"])}
-    if manifest["npy"]:
-        manifest["npy_dir"] = f"{attempt}/{NPY_DIR}"
-    (out / FEATURES_MANIFEST).write_json(manifest)
+    manifest = dataclasses.replace(manifest, files=tuple(sorted(f"{attempt}/{name}" for name in manifest.files)),
+                                   npy_dir=f"{attempt}/{NPY_DIR}" if manifest.npy else None)
+    (out / FEATURES_MANIFEST).write_json(manifest.to_dict())
     keep = {FEATURES_MANIFEST, attempt}
     for stale in out.files(recursive=True):
         if stale.uri[len(out.uri) + 1:].split("/", 1)[0] not in keep:
@@ -223,18 +223,18 @@ def abort_features(folder: str) -> None:
             pass  # best effort: no manifest lists the attempt, so readers never see it
 
 
-def features_manifest(manifest: dict[str, Any], num_snippets: int, feature_dim: int, files: Iterable[str],
-                      write_npy: bool, counts: dict[str, int]) -> dict[str, Any]:
-    """`manifest` (what the writer knows of encoder, level, labels) plus the fields readers rely on."""
-    return {**manifest, "schema_version": FEATURES_SCHEMA_VERSION, "feature_dim": feature_dim,
-            "num_snippets": num_snippets, "files": sorted(files), "npy": write_npy,
-            "counts": {"videos": sum(counts.values()), "per_subset": dict(sorted(counts.items()))}}
+def features_manifest(source: FeaturesManifest, num_snippets: int, feature_dim: int, files: Iterable[str],
+                      write_npy: bool, counts: dict[str, int]) -> FeaturesManifest:
+    """`source` (what the writer knows of encoder, level, labels) plus the fields readers rely on."""
+    held = FeaturesCounts(videos=sum(counts.values()), per_subset=dict(sorted(counts.items())))
+    return dataclasses.replace(source, schema_version=FEATURES_SCHEMA_VERSION, feature_dim=feature_dim,
+                               num_snippets=num_snippets, files=tuple(sorted(files)), npy=write_npy, counts=held)
 
 
 class FeatureWriter:
     """The commit protocol from one process: whole videos' features, added one at a time.
 
-    `commit(manifest)` writes the last part and the manifest and renames the folder into place,
+    `commit(source)` writes the last part and the manifest and renames the folder into place,
     replacing an older one; `abort()` removes the temp folder.
     """
 
@@ -274,10 +274,12 @@ class FeatureWriter:
         self.files.append(name)
         self.pending = []
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, source: FeaturesManifest | Mapping[str, Any]) -> Path:
+        """`source`: the manifest's source fields (encoder, level, labels, ...), typed or as its JSON object."""
         self.flush()
+        source = source if isinstance(source, FeaturesManifest) else FeaturesManifest.from_dict(source)
         return commit_folder(self.tmp, self.out_dir, features_manifest(
-            manifest, self.num_snippets, self.feature_dim, self.files, self.write_npy, self.counts))
+            source, self.num_snippets, self.feature_dim, self.files, self.write_npy, self.counts))
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -335,34 +337,26 @@ def write_videos(batch: pa.Table, folder: str, write_npy: bool) -> pa.Table:
                      "file": pa.array([name] * len(ids), pa.string())})
 
 
-def read_features_manifest(features_dir: str | Path | Location) -> dict[str, Any]:
+def read_features_manifest(features_dir: str | Path | Location) -> FeaturesManifest:
     loc = features_location(features_dir) / FEATURES_MANIFEST
     if not loc.is_file():
         raise LofiError(f"{loc} does not exist: run `lofi extract` (same --config / run.name) to completion first")
-    return loc.read_json()
-
-
-def _check_subset(manifest: dict[str, Any], subset: str, features_dir: str | Path | Location) -> None:
-    known = sorted(manifest["counts"]["per_subset"])
-    if subset not in known:
-        raise LofiError(f"{features_location(features_dir) / FEATURES_MANIFEST}: no video of subset {subset!r}; "
-                        f"subsets there: {', '.join(known) or 'none'}; check data.train_subset / data.val_subset")
+    return FeaturesManifest.from_dict(loc.read_json())
 
 
 def feature_files(features_dir: str | Path | Location) -> list[str]:
     """The Parquet parts the manifest lists (only those: an object store may hold a failed run's
     parts too), as paths or URIs."""
-    manifest = read_features_manifest(features_dir)
-    return [str(features_location(features_dir) / name) for name in manifest["files"]]
+    return [str(features_location(features_dir) / name) for name in read_features_manifest(features_dir).files]
 
 
-def feature_parts(features_dir: str | Path | Location, manifest: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+def feature_parts(features_dir: str | Path | Location, manifest: FeaturesManifest | None = None) -> Iterator[pa.Table]:
     """The manifest's Parquet parts one at a time (rows in file order): for readers that go through
     every video without holding all features at once (`lofi export-features`). `manifest`: the
     folder's, when the caller has read it already."""
     manifest = manifest or read_features_manifest(features_dir)
-    schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
-    for name in manifest["files"]:
+    schema = features_schema(manifest.num_snippets, manifest.feature_dim)
+    for name in manifest.files:
         yield read_parquet(str(features_location(features_dir) / name), key="run.storage", schema=schema)
 
 
@@ -370,11 +364,11 @@ def read_features(features_dir: str | Path | Location, subset: str | None = None
                   columns: Iterable[str] | None = None) -> pa.Table:
     """All (or one subset's) feature rows with plain pyarrow, sorted by video_id."""
     manifest = read_features_manifest(features_dir)
-    schema = features_schema(manifest["num_snippets"], manifest["feature_dim"])
+    schema = features_schema(manifest.num_snippets, manifest.feature_dim)
     tables = list(feature_parts(features_dir, manifest))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if subset is not None:
-        _check_subset(manifest, subset, features_dir)
+        manifest.check_subset(subset, features_location(features_dir) / FEATURES_MANIFEST)
         table = table.filter(pa.compute.equal(table.column("subset"), subset))
     table = table.sort_by("video_id")
     return table if columns is None else table.select(list(columns))
@@ -414,6 +408,7 @@ def features_dataset(features_dir: str | Path | Location, subset: str | None = N
     ds = ray.data.read_parquet(files) if locs[0].is_local else \
         ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs)
     if subset is not None:
-        _check_subset(read_features_manifest(features_dir), subset, features_dir)
+        manifest = read_features_manifest(features_dir)
+        manifest.check_subset(subset, features_location(features_dir) / FEATURES_MANIFEST)
         ds = ds.filter(expr=col("subset") == subset)
     return ds if columns is None else ds.select_columns(list(columns))

@@ -15,7 +15,7 @@ import math
 import os
 import warnings
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -26,10 +26,8 @@ from ray.data.block import BlockAccessor
 from pipelines.data import shards
 from pipelines.cluster import connect_ray
 from pipelines.data.decode import decode_batch
+from pipelines.data.prepare_config import PrepareConfig
 from pipelines.storage import Location
-
-if TYPE_CHECKING:
-    from pipelines.data.prepare import PrepareConfig
 
 # Test hook: the driver marks the item of this video id so that its decode kills the process
 # (pipelines.data.decode._crash_test_hook), as a decoder segfault would; no real file is known to.

@@ -2,8 +2,8 @@
 
 Layout of an output folder OUT (a local folder or an object-store URI: pipelines.storage):
 
-    OUT/manifest.json                  written (atomically) at the end of every run: resolved config,
-                                       levels, label names, counts, shard files, errors, wall time
+    OUT/manifest.json                  written (atomically) at the end of every run (manifests.ShardManifest):
+                                       resolved config, levels, labels, counts, shard files, errors, wall time
     OUT/prepare_config.json            the config fields that define the data; a rerun must match
     OUT/_parts/part-<hash>.json        commit record of one part (a group of videos): ids written,
                                        ids failed with their errors, rows/bytes/file per level
@@ -71,10 +71,10 @@ import pyarrow.parquet as pq
 
 from lofi.errors import LofiError
 from lofi.fidelity import FidelityLevel
+from pipelines.data.manifests import MANIFEST, ShardLevel, ShardManifest
 from pipelines.storage import Location, location, read_parquet
 
 SCHEMA_VERSION = 2  # 2: frames stored as fixed_size_binary (1: uint8 tensor as Parquet INT32)
-MANIFEST = "manifest.json"
 CONFIG_RECORD = "prepare_config.json"
 PARTS_DIR = "_parts"
 TMP_DIR = ".tmp"
@@ -308,35 +308,36 @@ def remove_uncommitted(out_dir: str | Path | Location, level_names: Iterable[str
     return removed
 
 
-def read_manifest(out_dir: str | Path | Location) -> dict[str, Any]:
+def read_manifest(out_dir: str | Path | Location) -> ShardManifest:
     path = shards_location(out_dir) / MANIFEST
     if not path.is_file():
         raise LofiError(f"{path} does not exist: run `lofi prepare` with output {out_dir} to completion first")
-    manifest = path.read_json()
-    _check_version(manifest.get("schema_version"), path)
+    manifest = ShardManifest.from_dict(path.read_json())
+    _check_version(manifest.schema_version, path)
     return manifest
 
 
-def level_files(out_dir: str | Path | Location, level: str) -> tuple[dict[str, Any], list[str]]:
+def level_files(out_dir: str | Path | Location, level: str) -> tuple[ShardLevel, list[str]]:
     """The manifest entry of `level` and the absolute paths (or URIs) of its shard files."""
     manifest = read_manifest(out_dir)
-    levels = {entry["name"]: entry for entry in manifest["levels"]}
-    if level not in levels:
-        raise LofiError(f"{shards_location(out_dir) / MANIFEST}: no level {level!r}; levels: {', '.join(levels)}")
-    return levels[level], [str(shards_location(out_dir) / rel) for rel in levels[level]["shards"]]
+    entry = manifest.level(level)
+    if entry is None:
+        raise LofiError(f"{shards_location(out_dir) / MANIFEST}: no level {level!r}; levels: "
+                        f"{', '.join(e.name for e in manifest.levels)}")
+    return entry, [str(shards_location(out_dir) / rel) for rel in entry.shards]
 
 
-def grid_level(entry: dict[str, Any]) -> FidelityLevel:
-    """The FidelityLevel a grid level's manifest entry holds (`spacing_snippets` absent: frames fill the snippet)."""
-    return FidelityLevel(entry["name"], entry["num_snippets"], entry["frames_per_snippet"], entry["size_px"],
-                         entry.get("spacing_snippets") or 0)
+def grid_level(entry: ShardLevel) -> FidelityLevel:
+    """The FidelityLevel a grid level's manifest entry holds (`spacing_snippets` 0: frames fill the snippet)."""
+    return FidelityLevel(entry.name, entry.num_snippets, entry.frames_per_snippet, entry.size_px,
+                         entry.spacing_snippets)
 
 
 def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None = None) -> pa.Table:
     """All rows of one level with plain pyarrow (no Ray), sorted by video id and chunk."""
     entry, files = level_files(out_dir, level)
     if not files:
-        empty = with_frames_tensor(level_schema(entry).empty_table())
+        empty = with_frames_tensor(level_schema(entry.resolved()).empty_table())
         return empty if columns is None else empty.select(columns)
     need = None if columns is None else sorted(set(columns) | {"video_id", "chunk_index"})
     table = pa.concat_tables([read_parquet(f, columns=need) for f in files])
@@ -394,15 +395,15 @@ def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...]
     entry, files = level_files(out_dir, level)
     if not files:
         raise LofiError(f"{out_dir}: level {level!r} has no rows (every video failed?); see errors in the manifest")
-    if entry["storage"] == "jpeg":
+    if entry.storage == "jpeg":
         ds = ray.data.read_parquet(files)
-        ds = ds.map_batches(_decode_jpeg_batch, fn_kwargs={"level": entry}, batch_format="pyarrow")
+        ds = ds.map_batches(_decode_jpeg_batch, fn_kwargs={"level": entry.resolved()}, batch_format="pyarrow")
         return ds if columns is None else ds.select_columns(list(columns))
     ds = ray.data.read_parquet(files, columns=None if columns is None else list(columns))
     if columns is None or "frames" in columns:
         # whole blocks (batch_size=None): a batch of rows would concatenate, i.e. copy, the frames
-        ds = ds.map_batches(with_frames_tensor, fn_kwargs={"shape": frames_shape(entry)}, batch_format="pyarrow",
-                            batch_size=None)
+        shape = frames_shape(entry.resolved())
+        ds = ds.map_batches(with_frames_tensor, fn_kwargs={"shape": shape}, batch_format="pyarrow", batch_size=None)
     return ds
 
 
@@ -414,42 +415,7 @@ def _decode_jpeg_batch(batch: pa.Table, level: dict[str, Any]) -> pa.Table:
 
 def build_manifest(out_dir: str | Path, config: dict[str, Any], levels: list[dict[str, Any]], labels: Iterable[str],
                    list_errors: list[dict[str, str]], total: int, wall_time_sec: float,
-                   processed: int) -> dict[str, Any]:
+                   processed: int) -> ShardManifest:
     """The manifest of OUT from its committed parts; `levels` resolved, `list_errors` found by the driver."""
-    parts = committed_parts(out_dir)
-    ok = sum(len(p["video_ids"]) for p in parts)
-    errors = list_errors + sorted((e for p in parts for e in p["errors"]), key=lambda e: e["video_id"])
-    entries = []
-    for level in levels:
-        written = [p["levels"][level["name"]] for p in parts if level["name"] in p["levels"]]
-        size = sum(w["bytes"] for w in written)
-        entries.append({**level, "videos": ok, "rows": sum(w["rows"] for w in written),
-                        "frames": sum(w["frames"] for w in written), "bytes": size,
-                        "bytes_per_video": size / ok if ok else 0.0, "shards": sorted(w["file"] for w in written)})
-    return {"schema_version": SCHEMA_VERSION, "config": config, "labels": list(labels), "levels": entries,
-            "counts": {"videos_total": total, "videos_ok": ok, "videos_failed": len(errors),
-                       "videos_processed_this_run": processed, "frames": sum(e["frames"] for e in entries),
-                       "bytes": sum(e["bytes"] for e in entries)},
-            "wall_time_sec": wall_time_sec, "videos_per_sec": processed / wall_time_sec if wall_time_sec else 0.0,
-            "decode_sec": sum(p["decode_sec"] for p in parts), "errors": errors}
-
-
-def summary_lines(manifest: dict[str, Any], out_dir: str) -> list[str]:
-    """The end-of-run summary: videos ok/failed, frames, bytes, seconds, videos/s, per level, errors."""
-    c = manifest["counts"]
-    lines = [f"lofi prepare: {c['videos_ok']} videos ok, {c['videos_failed']} failed (of {c['videos_total']}); "
-             f"{c['videos_processed_this_run']} processed in {manifest['wall_time_sec']:.1f} s "
-             f"({manifest['videos_per_sec']:.2f} videos/s)",
-             f"  wrote {out_dir}: {c['frames']} frames, {c['bytes'] / 2**20:.1f} MiB"]
-    for lv in manifest["levels"]:
-        grid = f"T={lv['num_snippets']}" if lv["num_snippets"] else f"stride {lv['snippet_stride_sec']:g} s"
-        if lv.get("spacing_snippets"):
-            grid += f" (frames spaced as at T={lv['spacing_snippets']})"
-        lines.append(f"  level {lv['name']}: {grid} "
-                     f"F={lv['frames_per_snippet']} S={lv['size_px']} {lv['storage']}: {lv['rows']} rows, "
-                     f"{lv['bytes_per_video'] / 2**10:.1f} KiB/video, {len(lv['shards'])} shard files")
-    for e in manifest["errors"][:20]:
-        lines.append(f"  error {e['video_id']} [{e['stage']}] {e['path']}: {e['error']}")
-    if len(manifest["errors"]) > 20:
-        lines.append(f"  ... and {len(manifest['errors']) - 20} more errors in {out_dir}/{MANIFEST}")
-    return lines
+    return ShardManifest.from_parts(committed_parts(out_dir), SCHEMA_VERSION, config, levels, labels, list_errors,
+                                    total=total, wall_time_sec=wall_time_sec, processed=processed)

@@ -25,7 +25,6 @@ lofi/windows.py).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -35,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from lofi.config import add_config_arguments, config_from_args
-from lofi.errors import LofiError, cli_errors
+from lofi.errors import LofiError
+from lofi.postprocess import detection_entries
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.data.feature_windows import (plan_windows, stride_sec, uses_windows, video_entries, window_features,
                                        window_problems)
 from pipelines.data.features import features_array, read_features, read_features_manifest, video_features
+from pipelines.data.manifests import FeaturesManifest
 from pipelines.stages.provenance import external_data
 from pipelines.storage import Location
 
@@ -54,8 +54,8 @@ def detect_subset(cfg: PipelineConfig) -> str:
 
 def detect_dir(cfg: PipelineConfig) -> Location:
     """`<run>/detect/` for the validation subset, `<run>/detect/<subset>/` for another (`detect.subset`)."""
-    out = cfg.run.stage_location("detect")
-    return out / cfg.detect.subset if cfg.detect.subset and cfg.detect.subset != cfg.data.val_subset else out
+    other = cfg.detect.subset if cfg.detect.subset and cfg.detect.subset != cfg.data.val_subset else ""
+    return cfg.run.detections(other)
 
 
 def has_ground_truth(table) -> bool:
@@ -66,7 +66,7 @@ def has_ground_truth(table) -> bool:
 
 
 def head_path(cfg: PipelineConfig) -> Location:
-    return cfg.run.location() / "head" / "model.pt"
+    return cfg.run.head() / "model.pt"
 
 
 def load_head(cfg: PipelineConfig, feature_dim: int, num_snippets: int, num_classes: int):
@@ -106,12 +106,12 @@ def predict(head, table, labels: list[str], cfg: PipelineConfig) -> dict[str, li
         with torch.inference_mode():
             out = head(batch)
         results.update(detection_entries(out, ids[lo:lo + _BATCH_VIDEOS], durations[lo:lo + _BATCH_VIDEOS],
-                                         labels, cfg))
+                                         labels, cfg.head.top_k_classes, cfg.detect.top_k, cfg.detect.soft_nms_sigma))
     return results
 
 
 def predict_windows(head, table, labels: list[str], cfg: PipelineConfig,
-                    manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+                    manifest: FeaturesManifest) -> dict[str, list[dict[str, Any]]]:
     """{video_id: ActivityNet entries} for the videos of a fixed-stride `table`: the head on every
     window of data.window_snippets snippets, the windows of a video merged (best first, Soft-NMS)."""
     import torch
@@ -132,53 +132,27 @@ def predict_windows(head, table, labels: list[str], cfg: PipelineConfig,
     return video_entries(window_dets, durations, labels, cfg.detect)
 
 
-def detection_entries(out: Any, video_ids: list[str], durations_sec: list[float], labels: list[str],
-                      cfg: PipelineConfig) -> dict[str, list[dict[str, Any]]]:
-    """A head's output for a batch of videos -> {video_id: ActivityNet entries}: candidates decoded
-    (head.top_k_classes per proposal), class-aware Soft-NMS, the best detect.top_k kept."""
-    from lofi.heads.common import decode_detections
-    from lofi.postprocess import postprocess_detections
-
-    detections = decode_detections(out, list(durations_sec), cfg.head.top_k_classes)
-    return postprocess_detections(detections, list(video_ids), labels, list(durations_sec), method="soft_nms",
-                                  class_aware=True, top_k=cfg.detect.top_k, sigma=cfg.detect.soft_nms_sigma)
-
-
-def score_in_memory(videos: list[Any], labels: list[str], results: dict[str, list[dict[str, Any]]],
-                    protocol: str) -> dict[str, Any]:
-    """mAP of in-memory detections against in-memory ground truth (`pipelines.data.batches.VideoLabel`s),
-    e.g. stage 2's validation pass; the same scoring as `lofi eval` (lofi.evaluation)."""
-    from lofi.annotations import AnnotationSet, LabelVocab, Segment, Video, detections_from_results
-    from lofi.evaluation.common import PROTOCOLS
-    from lofi.evaluation.detection import evaluate_detection
-
-    gt = AnnotationSet(tuple(Video(v.video_id, v.subset, v.duration_sec, segments=tuple(
-        Segment(s, e, name) for (s, e), name in zip(v.segments_sec, v.labels))) for v in videos),
-        LabelVocab.from_names(labels))
-    return evaluate_detection(gt, detections_from_results(results), PROTOCOLS[protocol]).to_json()
-
-
-def ground_truth_path(cfg: PipelineConfig, manifest: dict[str, Any]) -> str:
-    path = cfg.data.annotations or manifest.get("annotations") or ""
+def ground_truth_path(cfg: PipelineConfig, manifest: FeaturesManifest) -> str:
+    path = cfg.data.annotations or manifest.annotations or ""
     if not path or not Path(path).is_file():
         raise LofiError(f"ground truth {path or '(none)'} not found: set data.annotations to the annotation file")
     return path
 
 
-def tuning_ids(manifest: dict[str, Any]) -> tuple[str, ...]:
+def tuning_ids(manifest: FeaturesManifest) -> tuple[str, ...]:
     """The tuning split's videos of the shards the features came from (lofi.splits): the ground truth file
     still calls them training videos."""
     from pipelines.data import shards
 
-    source = manifest.get("shards")
-    if not source:
+    if not manifest.shards:
         return ()
-    return tuple(shards.read_manifest(source).get("tuning", {}).get("video_ids", ()))
+    tuning = shards.read_manifest(manifest.shards).tuning
+    return tuning.video_ids if tuning is not None else ()
 
 
 def evaluate(cfg: PipelineConfig, gt: str, predictions: Location,
              tuning: tuple[str, ...] = ()) -> tuple[dict[str, Any], tuple[str, ...]]:
-    from lofi.annotations_cli import quiet_annotation_log
+    from lofi.annotations import quiet_annotation_log
     from lofi.evaluation import EvalConfig, run_eval
 
     with quiet_annotation_log(), predictions.as_local_file() as path:
@@ -187,7 +161,7 @@ def evaluate(cfg: PipelineConfig, gt: str, predictions: Location,
 
 
 def score(cfg: PipelineConfig, gt: str | None, predictions_path: Location, tracker,
-          manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float], tuple[str, ...]]:
+          manifest: FeaturesManifest) -> tuple[dict[str, Any], dict[str, float], tuple[str, ...]]:
     """(eval.json's object or {} without ground truth, mAP metrics, warnings); eval.json written beside the predictions."""
     if gt is None:
         return {}, {}, ()
@@ -213,13 +187,17 @@ def _log_timelines(tracker, table, results: dict[str, list[dict[str, Any]]]) -> 
         tracker.log_figure(fig, f"timelines/{row['video_id']}.png")
 
 
+# The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
+CONFIG_SECTIONS = ("data", "head", "detect")
+
+
 def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = True) -> StageResult:
     """Write `predictions.json` (and `eval.json` when the subset has ground truth) under `detect_dir`;
     return the mAP figures (none for a subset without ground truth: a test-server submission)."""
     from pipelines.tracking import Tracker
 
     start = time.perf_counter()
-    fdir = cfg.run.location() / "features"
+    fdir = cfg.run.features()
     manifest = read_features_manifest(fdir)
     problems = window_problems(cfg.data, manifest, fdir)
     if problems:
@@ -227,14 +205,14 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
     windows = uses_windows(manifest)  # fixed-stride features: the head runs on windows of W snippets
     table = read_features(fdir, detect_subset(cfg))
     gt = ground_truth_path(cfg, manifest) if has_ground_truth(table) else None
-    num_snippets = cfg.data.window_snippets if windows else manifest["num_snippets"]
-    head = load_head(cfg, manifest["feature_dim"], num_snippets, len(manifest["labels"]))
+    num_snippets = cfg.data.window_snippets if windows else manifest.num_snippets
+    head = load_head(cfg, manifest.feature_dim, num_snippets, len(manifest.labels))
     out_dir = detect_dir(cfg)
     with Tracker.start(cfg.tracking, f"{cfg.run.name}/detect", parent_run_id=parent_run_id,
                        tags={"stage": "detect"}) as tracker:
         tracker.log_config(cfg)
-        results = (predict_windows(head, table, manifest["labels"], cfg, manifest) if windows else
-                   predict(head, table, manifest["labels"], cfg))
+        results = (predict_windows(head, table, list(manifest.labels), cfg, manifest) if windows else
+                   predict(head, table, list(manifest.labels), cfg))
         predictions_path = out_dir / "predictions.json"
         predictions = json.dumps({"version": "VERSION 1.3", "external_data": external_data(manifest),
                                   "results": results}).encode()
@@ -267,30 +245,3 @@ def summary_lines(cfg: PipelineConfig, result: dict[str, Any], results: dict[str
     return [f"{head}, average mAP {100 * result['average_mAP']:.2f}% ({seconds:.1f} s)",
             f"  mAP at tIoU  {mAPs}",
             f"  wrote {predictions} and {detect_dir(cfg) / 'eval.json'}"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi detect",
-        description="Run the head trained by `lofi train-head` (<run>/head/model.pt) on the features of the "
-                    "validation subset (<run>/features/), decode detections, apply class-aware Soft-NMS, keep the "
-                    "top detect.top_k per video and write <run>/detect/predictions.json (ActivityNet format); then "
-                    "score them (mAP at the detect.protocol tIoU thresholds) into <run>/detect/eval.json, the "
-                    "format of `lofi eval --json`. Exits 2 on a config or input error.",
-        epilog="Config keys used (YAML or --set): run.name, run.storage, data.val_subset, data.annotations (ground "
-               "truth; empty: the file the shards were prepared from), data.window_snippets and data.window_overlap "
-               "(fixed-stride features: the windows the head runs on), detect.subset (another subset, e.g. testing: "
-               "outputs under <run>/detect/<subset>/; a subset without ground truth gives a test-server submission "
-               "file and no score), head.* (must match the trained head), "
-               "detect.window_candidates (windows: best candidates per window before the video's Soft-NMS), "
-               "detect.soft_nms_sigma, detect.top_k, detect.protocol (anet: tIoU 0.50:0.05:0.95, thumos: "
-               "0.3:0.1:0.7), tracking.*. See deploy/configs/pipeline/demo.yaml.")
-    add_config_arguments(parser)
-    return parser
-
-
-@cli_errors("detect")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run(config_from_args(PipelineConfig, args))
-    return 0

@@ -29,7 +29,6 @@ dataset (`resize_length: T`), both from each video's `duration`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import uuid
@@ -39,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from lofi.errors import LofiError, cli_errors
+from lofi.errors import LofiError
 from pipelines.data.features import (FEATURES_MANIFEST, feature_parts, features_location, read_features_manifest,
                                 replace_folder, video_features)
+from pipelines.data.manifests import FeaturesManifest
 from pipelines.data.shards import write_json_atomic
 
 ANNOTATIONS = "annotations.json"
@@ -66,13 +66,12 @@ class ExportOptions:
 
 # 1. the grid: what each toolkit is told about the features ---------------------------------
 
-def feature_grid(manifest: dict[str, Any], fps: float, where: str) -> dict[str, Any]:
+def feature_grid(manifest: FeaturesManifest, fps: float, where: str) -> dict[str, Any]:
     """The level's grid in the toolkits' frame units: `stride_frames` and `offset_frames` for a
     fixed-stride level, `num_snippets` T for a whole-video grid."""
-    level = manifest.get("level_config") or {}
-    if manifest.get("fixed_grid"):
-        return {"fixed_grid": True, "num_snippets": int(manifest["num_snippets"])}
-    stride_sec = level.get("snippet_stride_sec")
+    if manifest.fixed_grid:
+        return {"fixed_grid": True, "num_snippets": int(manifest.num_snippets)}
+    stride_sec = manifest.level_config.snippet_stride_sec if manifest.level_config else None
     if not stride_sec:
         raise LofiError(f"{where}: no level_config.snippet_stride_sec for this fixed-stride level (an older "
                         "features folder); run `lofi extract` again to record it")
@@ -83,7 +82,7 @@ def feature_grid(manifest: dict[str, Any], fps: float, where: str) -> dict[str, 
                         f"{stride / 2:g} frames in; OpenTAD needs both as whole frames: pass --fps {whole_fps:g} "
                         f"(any multiple of 2 / {stride_sec:g})")
     return {"fixed_grid": False, "snippet_stride_sec": stride_sec, "stride_frames": round(stride),
-            "offset_frames": round(stride / 2), "max_snippets": int(manifest["num_snippets"])}
+            "offset_frames": round(stride / 2), "max_snippets": int(manifest.num_snippets)}
 
 
 def toolkit_settings(grid: dict[str, Any], opts: ExportOptions, num_classes: int, feature_dim: int,
@@ -136,7 +135,7 @@ def write_export(features_dir: str, folder: Path, opts: ExportOptions) -> dict[s
     """Write OUT's files into `folder`; a summary: videos per subset, T range, toolkits.json."""
     manifest = read_features_manifest(features_dir)
     where = str(features_location(features_dir) / FEATURES_MANIFEST)
-    labels = list(manifest["labels"])
+    labels = list(manifest.labels)
     check_labels(labels, where)
     grid = feature_grid(manifest, opts.fps, where)
     (folder / FEATURES).mkdir(parents=True)
@@ -154,8 +153,8 @@ def write_export(features_dir: str, folder: Path, opts: ExportOptions) -> dict[s
     subsets = sorted({v["subset"] for v in database.values()})
     write_json_atomic(folder / ANNOTATIONS, {"version": "lofi export", "database": database})
     (folder / CLASS_MAP).write_text("".join(f"{name}\n" for name in labels), encoding="utf8")
-    settings = toolkit_settings(grid, opts, len(labels), int(manifest["feature_dim"]), subsets)
-    settings["source"] = {"features": str(features_location(features_dir)), "level": manifest.get("level")}
+    settings = toolkit_settings(grid, opts, len(labels), int(manifest.feature_dim), subsets)
+    settings["source"] = {"features": str(features_location(features_dir)), "level": manifest.level}
     write_json_atomic(folder / TOOLKITS, settings)
     per_subset = {s: sum(v["subset"] == s for v in database.values()) for s in subsets}
     used = {a["label"] for v in database.values() for a in v["annotations"]}
@@ -196,38 +195,3 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      "are in category_idx.txt but not in annotations.json; ActionFormer's num_classes check "
                      "counts only labels that have segments")
     return lines
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lofi export-features",
-        description="Write a `lofi extract` features folder in the layout of the feature-based TAL toolkits "
-                    "ActionFormer and OpenTAD: OUT/features/<prefix><video_id>.npy (float32 (T, D)), "
-                    "OUT/annotations.json (ActivityNet-style database with subset, duration, fps, frame and "
-                    "segments with label and label_id), OUT/category_idx.txt (class map: line i = label id i) "
-                    "and OUT/toolkits.json (the dataset keys to put into each toolkit's config: feature stride, "
-                    "num_frames / offset_frames, fps, or for a whole-video grid ActionFormer's feat_stride -1 and "
-                    "OpenTAD's resize dataset). Works on any features folder (npy written or not). Exits 2 on an "
-                    "input error.",
-        epilog="Time base: lofi's snippets are placed in seconds; the toolkits count frames. --fps is the frame rate "
-               "the export states for every video (it need not be the videos' own): a fixed-stride level of s "
-               "seconds becomes a stride of s x fps frames, each feature centred s x fps / 2 frames after its start, "
-               "and OpenTAD needs both whole, e.g. s=0.5 needs --fps a multiple of 4. See docs/architecture.md "
-               "(Features).")
-    p.add_argument("features", metavar="FEATURES", help="the features folder or URI (<run>/features)")
-    p.add_argument("out", metavar="OUT", help="local folder to create (replaced only with --overwrite)")
-    p.add_argument("--fps", type=float, default=ExportOptions.fps,
-                   help=f"time base in frames per second (default {ExportOptions.fps:g})")
-    p.add_argument("--file-prefix", default="", metavar="PREFIX",
-                   help="prefix of every feature file name, e.g. v_ for ActivityNet's convention (JSON keys stay "
-                        "the video ids; tell the toolkit the same prefix)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    return p
-
-
-@cli_errors("export-features")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    opts = ExportOptions(fps=args.fps, file_prefix=args.file_prefix, overwrite=args.overwrite)
-    print("\n".join(summary_lines(run(args.features, args.out, opts))), flush=True)
-    return 0

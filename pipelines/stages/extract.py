@@ -33,7 +33,6 @@ error instead of waiting forever.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -43,8 +42,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from lofi.config import add_config_arguments, config_from_args, from_dict, to_dict
-from lofi.errors import LofiError, cli_errors
+from lofi.config import from_dict, to_dict
+from lofi.errors import LofiError
 from pipelines.data import shards
 from pipelines.data.batches import frames_tensor
 from pipelines.cluster import connect_ray
@@ -52,21 +51,12 @@ from pipelines.config import PipelineConfig, StageResult
 from pipelines.data.features import (CHUNK_COLUMNS, FEATURES_MANIFEST, META_COLUMNS, VIDEOS_PER_PART, abort_features,
                                 assemble_video, begin_features, commit_features, features_manifest, file_sha1,
                                 ray_tensor_column, write_videos)
+from pipelines.data.manifests import FeaturesLevel, FeaturesManifest, ShardLevel, ShardManifest
 from pipelines.stages.provenance import checkpoint_origin
 from pipelines.storage import Location, local_file, location
 
 _READ_COLUMNS = META_COLUMNS + CHUNK_COLUMNS + ("frames",)
 NODE_WAIT_SEC = 900  # for the autoscaler to start a node that fits an actor, when none does at the start
-
-
-def features_dir(cfg: PipelineConfig) -> Path:
-    """The local features folder (an error naming run.storage for an object store)."""
-    return cfg.run.dir() / "features"
-
-
-def features_location(cfg: PipelineConfig) -> Location:
-    """`<run>/features`, a local folder or an object-store prefix."""
-    return cfg.run.location() / "features"
 
 
 class EncoderActor:
@@ -99,7 +89,7 @@ class EncoderActor:
 
 # 1. inputs -----------------------------------------------------------------------------------
 
-def check_inputs(cfg: PipelineConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_inputs(cfg: PipelineConfig) -> tuple[ShardManifest, ShardLevel]:
     """(shard manifest, level entry); every problem with the config reported at once."""
     problems = []
     if not cfg.data.shards:
@@ -115,7 +105,7 @@ def check_inputs(cfg: PipelineConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise LofiError("; ".join(problems))
     manifest = shards.read_manifest(cfg.data.shards)
     entry, _ = shards.level_files(cfg.data.shards, cfg.data.full_level)
-    if not entry["shards"]:
+    if not entry.shards:
         raise LofiError(f"{cfg.data.shards}: level {cfg.data.full_level!r} has no rows (did every video fail?); "
                         f"see the errors in {Path(cfg.data.shards) / shards.MANIFEST}")
     return manifest, entry
@@ -210,6 +200,10 @@ def _actor_needs(cfg: PipelineConfig) -> str:
 
 # 3. entry points -----------------------------------------------------------------------------
 
+# The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
+CONFIG_SECTIONS = ("data", "encoder", "extract")
+
+
 def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = True) -> StageResult:
     """Extract features of every video of `data.full_level` into `<run>/features/`."""
     from pipelines.tracking import Tracker
@@ -225,7 +219,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
     with Tracker.start(cfg.tracking, f"{cfg.run.name}/extract", parent_run_id=parent_run_id,
                        tags={"stage": "extract"}) as tracker:
         tracker.log_config(cfg)
-        target = features_location(cfg)
+        target = cfg.run.features()
         folder = begin_features(target, cfg.extract.write_npy)
         try:
             summaries = extract_videos(cfg, folder, videos)
@@ -234,16 +228,14 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
             for s in summaries:
                 counts[s["subset"]] = counts.get(s["subset"], 0) + 1
             ckpt = cfg.encoder.checkpoint
-            out = commit_features(folder, target, features_manifest({
-                "encoder": {**to_dict(cfg.encoder),
-                            "checkpoint": location(ckpt, "encoder.checkpoint").uri if ckpt else None,
-                            "checkpoint_sha1": file_sha1(ckpt) if ckpt else None, "origin": checkpoint_origin(ckpt)},
-                "shards": location(cfg.data.shards, "data.shards").uri, "level": entry["name"],
-                "level_config": {k: entry[k] for k in ("num_snippets", "snippet_stride_sec", "frames_per_snippet",
-                                                       "size_px")},
-                "fixed_grid": entry["num_snippets"] is not None, "labels": manifest["labels"],
-                "annotations": manifest["config"]["input"]["annotations"], "seconds": seconds,
-            }, num_snippets, dim, {s["file"] for s in summaries}, cfg.extract.write_npy, counts))
+            out = commit_features(folder, target, features_manifest(FeaturesManifest(
+                encoder={**to_dict(cfg.encoder),
+                         "checkpoint": location(ckpt, "encoder.checkpoint").uri if ckpt else None,
+                         "checkpoint_sha1": file_sha1(ckpt) if ckpt else None, "origin": checkpoint_origin(ckpt)},
+                shards=location(cfg.data.shards, "data.shards").uri, level=entry.name,
+                level_config=FeaturesLevel.of(entry), fixed_grid=entry.num_snippets is not None,
+                labels=manifest.labels, annotations=manifest.annotations(), seconds=seconds,
+            ), num_snippets, dim, {s["file"] for s in summaries}, cfg.extract.write_npy, counts))
         except BaseException:
             abort_features(folder)
             raise
@@ -261,45 +253,12 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, verbose: bool = T
                        artifacts={"features": str(out), "manifest": str(out / "features_manifest.json")})
 
 
-def summary_lines(out: Location, metrics: dict[str, float], counts: dict[str, int], entry: dict[str, Any],
+def summary_lines(out: Location, metrics: dict[str, float], counts: dict[str, int], entry: ShardLevel,
                   cfg: PipelineConfig) -> list[str]:
     subsets = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return [f"lofi extract: {int(metrics['videos'])} videos ({subsets}) of level {entry['name']} in "
+    return [f"lofi extract: {int(metrics['videos'])} videos ({subsets}) of level {entry.name} in "
             f"{metrics['seconds']:.1f} s ({metrics['videos_per_sec']:.2f} videos/s, "
             f"{metrics['snippets_per_sec']:.0f} snippets/s)",
             f"  encoder {cfg.encoder.name} width {cfg.encoder.width} from {cfg.encoder.checkpoint or '(random init)'}",
             f"  wrote {out} (features_manifest.json, Parquet parts"
             + (", npy/<video_id>.npy" if cfg.extract.write_npy else "") + ")"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi extract",
-        description="Run the frozen encoder (encoder.checkpoint) over every video of the data.full_level shards "
-                    "as Ray Data batch inference (an autoscaling actor pool of up to extract.num_actors actors, one "
-                    "GPU each with scaling.use_gpu); the workers put each video's chunks together and write one "
-                    "row of (T, D) snippet features per video to <run.storage>/<run.name>/features/ (Parquet + "
-                    "features_manifest.json; with extract.write_npy also npy/<video_id>.npy in the (T, D) layout "
-                    "feature-based TAL toolkits read; `lofi export-features` adds the annotation JSON and class map ActionFormer and "
-                    "OpenTAD read). run.storage must be a folder every Ray node sees, or an s3:// / gs:// URI. Exits 2 "
-                    "on a config or input error.",
-        epilog="Config keys used (YAML or --set): run.name, run.storage, data.shards, data.full_level, encoder.* "
-               "(name, width, checkpoint, checkpoint_format, shift_div, amp_dtype), extract.batch_size (rows per "
-               "inference call), extract.num_actors (most actors in the pool), extract.chunk_snippets (snippets "
-               "encoded at a time; 0: all), extract.write_npy, scaling.cpus_per_worker (CPUs per actor), "
-               "scaling.use_gpu (one GPU per actor), tracking.*, ray.*. See deploy/configs/pipeline/demo.yaml.")
-    add_config_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
-    return parser
-
-
-@cli_errors("extract")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(PipelineConfig, args)
-    if args.quiet:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    run(cfg)
-    return 0

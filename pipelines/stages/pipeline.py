@@ -38,107 +38,25 @@ videos) are all reported at once, each naming the config key to fix.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import importlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from lofi.config import add_config_arguments, config_from_args, from_dict, replace, to_dict
-from lofi.errors import LofiError, cli_errors
+from lofi.config import from_dict, replace, to_dict
+from lofi.errors import LofiError
 from pipelines.config import PipelineConfig, StageResult
+from pipelines.data import prepare
+from pipelines.stages.branches import BRANCHES, PipelineOptions, stage2_config
+from pipelines.stages import detect, extract, pretrain, train, train_head
 from pipelines.storage import Location, location
 
-STAGE_ORDER = ("prepare", "pretrain", "train", "extract", "train_head", "detect")
-# stage -> (module with run(cfg, parent_run_id), config sections its output depends on)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pretrain": ("pipelines.stages.pretrain", ("run.seed", "data", "encoder", "pretrain", "scaling")),
-    "train": ("pipelines.stages.train", ("run.seed", "data", "encoder", "head", "fidelity", "train", "scaling")),
-    "extract": ("pipelines.stages.extract", ("data", "encoder", "extract")),
-    "train_head": ("pipelines.stages.train_head", ("run.seed", "data", "head", "train_head", "scaling")),
-    "detect": ("pipelines.stages.detect", ("data", "head", "detect")),
-}
-Overrides = tuple[tuple[str, Any], ...]
-
-
-def _kind(kind: str):
-    def overrides(cfg: PipelineConfig) -> Overrides:
-        return (("fidelity.kind", kind),)
-    return overrides
-
-
-def _cycle(cycle: str):
-    """C-LoFi with the given cycle, at the same number of training steps: a short cycle's epoch is one
-    pass at every level (lofi.fidelity), so it takes a third of the long cycle's epochs."""
-    def overrides(cfg: PipelineConfig) -> Overrides:
-        factor = {("epoch", "batches"): 1 / 3, ("batches", "epoch"): 3}.get((cfg.fidelity.cycle, cycle), 1)
-        epochs = {k: max(1, round(getattr(cfg.train, k) * factor)) for k in ("epochs", "lr_step_epochs")}
-        return (("fidelity.kind", "c_lofi"), ("fidelity.cycle", cycle), *(("train." + k, v) for k, v in epochs.items()))
-    return overrides
-
-
-def _same(cfg: PipelineConfig) -> Overrides:
-    return ()
-
-
-# branch -> its stage-2 overrides (a function of the config); None: no stage 2 (the frozen starting encoder).
-# lofi is the config's own schedule; the ablation branches (the paper's Table 2: each reduced level alone and
-# both C-LoFi cycles) run with --ablation, those that train what lofi trains left out.
-BRANCHES: dict[str, Any] = {
-    "baseline": None,
-    "lofi": _same,
-    "full_end_to_end": _kind("full"),
-    "t_lofi": _kind("t_lofi"),
-    "s_lofi": _kind("s_lofi"),
-    "st_lofi": _kind("st_lofi"),
-    "c_lofi_long": _cycle("epoch"),
-    "c_lofi_short": _cycle("batches"),
-}
-ABLATION = ("t_lofi", "s_lofi", "st_lofi", "c_lofi_long", "c_lofi_short")
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    baseline: bool = False  # add the frozen-encoder branch
-    full_end_to_end: bool = False  # add stage 2 at full fidelity
-    ablation: bool = False  # add each reduced level alone and both C-LoFi cycles (ABLATION)
-    from_stage: str = ""  # rerun this stage and every later one
-    log_prefix: str = "lofi pipeline"
-
-    def __post_init__(self) -> None:
-        if self.from_stage and self.from_stage not in STAGE_ORDER:
-            raise LofiError(f"--from {self.from_stage}: not a stage; stages in order: {', '.join(STAGE_ORDER)}")
-
-    def extra_levels(self, cfg: PipelineConfig) -> tuple[Any, ...]:
-        """Levels the chosen branches train on beyond the config's schedule (the ablation's)."""
-        from lofi.fidelity import FidelitySchedule
-
-        configs = [stage2_config(cfg, b) for b in self.branches(cfg) if BRANCHES[b] is not None]
-        return tuple(level for c in configs for level in FidelitySchedule(c.fidelity).levels())
-
-    def branches(self, cfg: PipelineConfig) -> list[str]:
-        """The branches to run, in table order; an ablation branch that trains what `lofi` trains is left out."""
-        chosen = [b for b in BRANCHES if b == "lofi" or (b == "baseline" and self.baseline)
-                  or (b == "full_end_to_end" and self.full_end_to_end) or (b in ABLATION and self.ablation)]
-        lofi = stage2_config(cfg, "lofi")
-        return [b for b in chosen if b not in ABLATION or stage2_config(cfg, b) != lofi]
-
-    def forced(self, stage: str) -> bool:
-        """Whether --from makes `stage` run again whatever its record says. The stages after it run
-        again because their input did; a branch without that stage (the baseline has no stage 2) is
-        reused where nothing it depends on ran again."""
-        return stage == self.from_stage
-
-
-def stage2_config(cfg: PipelineConfig, branch: str) -> PipelineConfig:
-    """The config a branch's stage 2 trains with (the `fidelity` and `train` sections are what differ)."""
-    return replace(cfg, list(BRANCHES[branch](cfg)))
-
-
+# The one place stages are composed: stage -> its module, whose run(cfg, parent_run_id) -> StageResult
+# runs it and whose CONFIG_SECTIONS (declared beside run) are the sections its reuse key hashes.
+STAGE_MODULES = {"pretrain": pretrain, "train": train, "extract": extract, "train_head": train_head, "detect": detect}
 @dataclass
 class Stage:
     """One stage run (or reused) by the pipeline: what the report needs from it."""
@@ -220,7 +138,7 @@ def prepare_configs(cfg: PipelineConfig, extra_levels: tuple[Any, ...] = ()) -> 
     every schedule level, plus `extra_levels`: FidelityLevels, e.g. a sweep's variants) and
     "prepare_clips" (stage 1's clips), each only when its videos are set."""
     from lofi.fidelity import FidelitySchedule, resolve_level
-    from pipelines.data.prepare import PrepareConfig
+    from pipelines.data.prepare_config import PrepareConfig
 
     cfg = resolve_paths(cfg)
     out: dict[str, Any] = {}
@@ -265,7 +183,7 @@ def _digest(value: Any) -> str:
 def stage_key(cfg: PipelineConfig, stage: str, upstream: str) -> str:
     plain = to_dict(cfg)
     picked = {}
-    for section in STAGES[stage][1]:
+    for section in STAGE_MODULES[stage].CONFIG_SECTIONS:
         head, _, rest = section.partition(".")
         picked[section] = plain[head][rest] if rest else plain[head]
     return _digest({"stage": stage, "config": picked, "upstream": upstream})
@@ -278,13 +196,6 @@ def prepare_key(pcfg: Any) -> str:
     listing = sorted((p.name, p.stat().st_size) for p in videos.iterdir() if p.is_file()) if videos.is_dir() else []
     return _digest({"data": pcfg.data_key(), "annotations": hashlib.sha1(annotations.read_bytes()).hexdigest(),
                     "videos": listing})
-
-
-def stage_outputs(cfg: PipelineConfig, stage: str) -> list[Location]:
-    run = cfg.run.location()
-    outputs = {"pretrain": [run / "pretrain"], "train": [run / "train"], "extract": [run / "features"],
-               "train_head": [run / "head"], "detect": [run / "detect"]}[stage]
-    return outputs + [run / "ray" / name for name in (stage, stage.replace("_", "-"))]
 
 
 def _record(root: Location, name: str) -> Location:
@@ -304,59 +215,76 @@ def _reuse(record: Location, key: str, opts: PipelineOptions, stage: str, upstre
     return Stage(result, key, saved["seconds"], reused=True)
 
 
-def run_stage(stage: str, cfg: PipelineConfig, upstream: Stage | None, parent_run_id: str | None,
-              opts: PipelineOptions, root: Location) -> Stage:
-    """Run `stage` unless its record says the same config and inputs already produced its outputs
-    (a stage whose input stage ran again always runs: its inputs changed)."""
-    key = stage_key(cfg, stage, upstream.key if upstream else "")
-    record = _record(root, f"{cfg.run.name}.{stage}")
+def recorded(record: Location, key: str, stage: str, opts: PipelineOptions, upstream: Stage | None,
+             names: tuple[str, str], work: Callable[[bool], StageResult], outputs: tuple[Location, ...] = ()) -> Stage:
+    """One stage run through its record, for prepare and the other stages alike: the recorded stage
+    when the same key already produced outputs that are still there (and nothing forces a rerun),
+    else `work(stale)` (stale: the record is of other settings, or --from forces the stage), its
+    result recorded after its outputs (the commit point, pipelines.storage). `names`: (what the
+    reuse line shows, what the start line shows); `outputs` are deleted first when stale, before the
+    new record, so a checkpoint of other settings is never resumed."""
     reused = _reuse(record, key, opts, stage, upstream)
     if reused is not None:
-        print(f"{opts.log_prefix}: reusing {cfg.run.name}/{stage} ({reused.result.out_dir})", flush=True)
+        print(f"{opts.log_prefix}: reusing {names[0]}", flush=True)
         return reused
-    if record.is_file() and (record.read_json()["key"] != key or opts.forced(stage)):
-        for path in stage_outputs(cfg, stage):  # other settings: a checkpoint left there must not be resumed
-            path.delete()
+    stale = record.is_file() and (record.read_json()["key"] != key or opts.forced(stage))
+    for path in outputs if stale else ():
+        path.delete()
     record.write_json({"key": key}, indent=None)
-    print(f"\n== {opts.log_prefix}: {cfg.run.name}/{stage}", flush=True)
+    print(f"\n== {opts.log_prefix}: {names[1]}", flush=True)
     start = time.perf_counter()
-    result = importlib.import_module(STAGES[stage][0]).run(cfg, parent_run_id=parent_run_id)
+    result = work(stale)
     seconds = time.perf_counter() - start
-    # the commit point of the stage's outputs: written after them (pipelines.storage)
     record.write_json({"key": key, "seconds": seconds, "result": dataclasses.asdict(result)}, indent=None)
     return Stage(result, key, seconds, reused=False)
 
 
+def run_stage(stage: str, cfg: PipelineConfig, upstream: Stage | None, parent_run_id: str | None,
+              opts: PipelineOptions, root: Location) -> Stage:
+    """Run `stage` unless its record says the same config and inputs already produced its outputs
+    (a stage whose input stage ran again always runs: its inputs changed)."""
+
+    name = f"{cfg.run.name}/{stage}"
+    return recorded(_record(root, f"{cfg.run.name}.{stage}"), stage_key(cfg, stage, upstream.key if upstream else ""),
+                    stage, opts, upstream, (f"{name} ({cfg.run.stage_location(stage)})", name),
+                    lambda stale: STAGE_MODULES[stage].run(cfg, parent_run_id=parent_run_id),
+                    cfg.run.stage_outputs(stage))
+
+
 def run_prepare(name: str, pcfg: Any, parent: Any, opts: PipelineOptions, root: Location) -> Stage:
     """`lofi prepare` unless its record matches; a changed config rewrites the pipeline's shard folder."""
-    from pipelines.data import prepare
 
-    key = prepare_key(pcfg)
-    record = _record(root, name)
-    reused = _reuse(record, key, opts, "prepare", None)
-    if reused is not None:
-        print(f"{opts.log_prefix}: reusing {name} ({pcfg.output})", flush=True)
-        return reused
-    stale = record.is_file() and record.read_json()["key"] != key
-    record.write_json({"key": key}, indent=None)
-    print(f"\n== {opts.log_prefix}: {name} -> {pcfg.output}", flush=True)
-    start = time.perf_counter()
-    with parent.child(name, tags={"stage": "prepare"}) as run:
-        run.log_config(pcfg)
-        # resumes an interrupted run of the same data; other data (or --from prepare) starts over
-        result = prepare.run(dataclasses.replace(pcfg, overwrite=stale or opts.forced("prepare")))
-        seconds = time.perf_counter() - start
-        run.log_metrics({"videos_ok": result.videos_ok, "videos_failed": result.videos_failed, "seconds": seconds},
-                        step=0)
-        run_id = run.run_id
-    if result.too_many_errors:
-        raise LofiError(f"{name}: {result.videos_failed} of {result.videos_total} videos failed, more than "
-                        f"prepare.max_error_fraction={pcfg.max_error_fraction}; see the errors in {result.manifest_path}")
-    stage_result = StageResult(stage="prepare", out_dir=result.out_dir, seconds=seconds, mlflow_run_id=run_id,
-                               metrics={"videos_ok": result.videos_ok, "videos_failed": result.videos_failed},
-                               artifacts={"manifest": result.manifest_path})
-    record.write_json({"key": key, "seconds": seconds, "result": dataclasses.asdict(stage_result)}, indent=None)
-    return Stage(stage_result, key, seconds, reused=False)
+    def work(stale: bool) -> StageResult:
+        start = time.perf_counter()
+        with parent.child(name, tags={"stage": "prepare"}) as run:
+            run.log_config(pcfg)
+            # resumes an interrupted run of the same data; other data (or --from prepare) starts over
+            result = prepare.run(dataclasses.replace(pcfg, overwrite=stale))
+            seconds = time.perf_counter() - start
+            run.log_metrics({"videos_ok": result.videos_ok, "videos_failed": result.videos_failed,
+                             "seconds": seconds}, step=0)
+            run_id = run.run_id
+        if result.too_many_errors:
+            raise LofiError(f"{name}: {result.videos_failed} of {result.videos_total} videos failed, more than "
+                            f"prepare.max_error_fraction={pcfg.max_error_fraction}; see the errors in "
+                            f"{result.manifest_path}")
+        return StageResult(stage="prepare", out_dir=result.out_dir, seconds=seconds, mlflow_run_id=run_id,
+                           metrics={"videos_ok": result.videos_ok, "videos_failed": result.videos_failed},
+                           artifacts={"manifest": result.manifest_path})
+
+    return recorded(_record(root, name), prepare_key(pcfg), "prepare", opts, None,
+                    (f"{name} ({pcfg.output})", f"{name} -> {pcfg.output}"), work)
+
+
+def prepare_levels(cfg: PipelineConfig, levels: tuple[Any, ...], shards: str, name: str, parent: Any,
+                   log_prefix: str, root: Location) -> PipelineConfig:
+    """`cfg` pointing at `shards`, which `lofi prepare` fills (or a record reuses) with the TAL
+    videos at cfg's levels plus `levels` (FidelityLevels): how a caller that needs more levels than
+    the config's schedule (a sweep's trials) gets them without wiring prepare itself."""
+    target = replace(cfg, [("data.shards", shards)])
+    pcfg = prepare_configs(target, extra_levels=levels)["prepare"]
+    run_prepare(name, pcfg, parent, PipelineOptions(log_prefix=log_prefix), root)
+    return target
 
 
 def run_stage1(cfg: PipelineConfig, opts: PipelineOptions, parent_run_id: str | None,
@@ -456,49 +384,3 @@ def log_path(cfg: PipelineConfig) -> Path:
     """`<run>/lofi.log` for Ray's and MLflow's own messages; with an object-store run folder, ./lofi-<name>.log."""
     run = cfg.run.location()
     return Path(run.uri) / "lofi.log" if run.is_local else Path(f"lofi-{cfg.run.name}.log").resolve()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi pipeline",
-        description="Run the whole method on your dataset as one job: prepare the TAL videos (data.videos, "
-                    "data.annotations) at the full level and every level of the fidelity schedule, and stage 1's "
-                    "trimmed clips (data.pretrain_videos, data.pretrain_annotations: e.g. a Kinetics-style CSV); "
-                    "stage 1 (clip classification; skipped when encoder.checkpoint is given without clips); stage 2 "
-                    "(LoFi end-to-end training); full-fidelity feature extraction; head training; detection and "
-                    "mAP. Prints a table and writes <run.storage>/<run.name>/report.json; every stage is a child "
-                    "run of one MLflow parent run. A rerun reuses finished stages whose config and inputs did not "
-                    "change and resumes an interrupted one.",
-        epilog="Config: a pipeline YAML (deploy/configs/pipeline/*.yaml). Keys the pipeline adds to the stages': "
-               "data.videos, data.pretrain_videos, data.pretrain_annotations, prepare.* (num_workers, "
-               "videos_per_part, max_error_fraction, clip_frames_per_snippet, clip_videos_per_part, metadata, "
-               "annotation_errors raise|skip|keep, subsets, storage uint8|jpeg). On a "
-               "cluster: ray job submit --runtime-env deploy/runtime_env.yaml --working-dir . -- lofi pipeline "
-               "--config deploy/configs/pipeline/anet_tsm_r18_gtad_c_lofi_long.yaml (see deploy/README.md).")
-    add_config_arguments(parser)
-    parser.add_argument("--baseline", action="store_true",
-                        help="add the baseline branch: the head on the frozen stage-1 (or given) encoder's features")
-    parser.add_argument("--full-end-to-end", action="store_true",
-                        help="add stage 2 at full fidelity, the upper bound LoFi approximates (it needs the most "
-                             "memory: see `lofi plan-memory`)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="add the paper's ablation branches, each from the same starting encoder and with the "
-                             "same head recipe: T-LoFi, S-LoFi and ST-LoFi alone, and C-LoFi with the long (per "
-                             "epoch) and the short (every fidelity.every_batches batches, a third of the epochs: the "
-                             "same steps) cycle; one that trains what the lofi branch trains is left out")
-    parser.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, metavar="STAGE",
-                        help=f"rerun this stage and every later one ({', '.join(STAGE_ORDER)}); earlier ones are "
-                             "reused when unchanged")
-    return parser
-
-
-@cli_errors("pipeline")
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.logs import output_to
-
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(PipelineConfig, args)
-    with output_to(log_path(cfg), "lofi pipeline"):
-            run(cfg, PipelineOptions(baseline=args.baseline, full_end_to_end=args.full_end_to_end,
-                                 ablation=args.ablation, from_stage=args.from_stage or ""))
-    return 0

@@ -42,7 +42,6 @@ class names, background last when used, and the training clips per class).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -55,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lofi.config import add_config_arguments, config_from_args
 from lofi.clips import (class_weights, classification_metrics, random_resized_crop, random_side, recall_counts,
                         temporal_window)
-from lofi.errors import LofiError, cli_errors
+from lofi.errors import LofiError
+from lofi.models.checkpoints import encoder_state
 from lofi.models.encoders import ClipClassifier, build_encoder
 from pipelines.data import shards
 from pipelines.data.batches import (CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, snippet_labels,
@@ -96,7 +95,7 @@ def train_source(cfg: PipelineConfig) -> ClipSource:
             raise LofiError("data.shards and data.pretrain_shards are empty: set data.pretrain_shards to the `lofi "
                             "prepare` output of a trimmed-clip set, or data.shards to that of the TAL videos")
         return ClipSource(cfg.data.shards, cfg.data.pretrain_level or cfg.data.full_level, cfg.data.pretrain_background)
-    levels = [e["name"] for e in shards.read_manifest(cfg.data.pretrain_shards)["levels"]]
+    levels = [e.name for e in shards.read_manifest(cfg.data.pretrain_shards).levels]
     level = cfg.data.pretrain_level or (levels[0] if len(levels) == 1 else cfg.data.full_level)
     return ClipSource(cfg.data.pretrain_shards, level, background=False)
 
@@ -106,7 +105,7 @@ def tal_val_source(cfg: PipelineConfig, names: list[str]) -> ClipSource | None:
     classes (matched by name), when stage 1 trains on a separate clip set; else None."""
     if not cfg.data.pretrain_shards or not cfg.data.shards:
         return None
-    tal_labels = shards.read_manifest(cfg.data.shards)["labels"]
+    tal_labels = shards.read_manifest(cfg.data.shards).labels
     index = {name: k for k, name in enumerate(names)}
     label_map = tuple(index.get(name, -1) for name in tal_labels)
     if all(k < 0 for k in label_map):
@@ -137,12 +136,12 @@ def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     except LofiError as err:
         raise LofiError(f"{err}; set data.pretrain_level (or data.full_level) to one of them") from None
     problems = []
-    if not manifest["labels"]:
+    if not manifest.labels:
         problems.append(f"{source.shards}/manifest.json ({key}): no class labels; the annotations hold no segments")
     if not counts.get(cfg.data.train_subset):
         problems.append(f"{source.shards} ({key}): level {source.level!r} has no video of subset "
                         f"{cfg.data.train_subset!r} (subsets: {counts}); set data.train_subset")
-    names = list(manifest["labels"]) + (["background"] if source.background else [])
+    names = list(manifest.labels) + (["background"] if source.background else [])
     tal_val = None
     if cfg.data.pretrain_shards and cfg.data.shards:
         try:
@@ -171,7 +170,7 @@ def clip_dataset(cfg: PipelineConfig, source: ClipSource, subset: str, num_actio
     from ray.data.expressions import col
 
     entry, _ = shards.level_files(source.shards, source.level)
-    if fits_in_memory(cfg, entry["frames"] * entry["size_px"] ** 2 * 3):  # all subsets: an upper bound
+    if fits_in_memory(cfg, entry.frames * entry.size_px ** 2 * 3):  # all subsets: an upper bound
         clips = clip_table(source, subset, num_actions)
         return table_dataset(pa.table({"clip": tensor_column(clips["clip"]), "label": clips["label"]}))
     ds = shards.read_level_dataset(source.shards, source.level, columns=None)
@@ -289,9 +288,8 @@ def _loop(config: dict[str, Any]) -> None:
     worker_loop(PretrainLoop(config), config)
 
 
-def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ClipClassifier (or stage 2's TALModel) state dict -> its VideoEncoder's (lofi naming: backbone.*)."""
-    return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
+# The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
+CONFIG_SECTIONS = ("run.seed", "data", "encoder", "pretrain", "scaling")
 
 
 def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
@@ -333,31 +331,3 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
                                   tracker)
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi pretrain",
-        description="Stage 1: train the video encoder as a clip classifier on labelled trimmed clips: a separate "
-                    "clip set (data.pretrain_shards: `lofi prepare` of a Kinetics-style CSV or of `lofi synth-clips`) "
-                    "or the snippets of the TAL training videos (one per snippet inside a segment, plus a "
-                    "background class), with Ray Train (DDP over scaling.num_workers workers, a checkpoint "
-                    "every epoch; rerunning with the same run.name resumes). Writes <run.storage>/<run.name>/"
-                    "pretrain/encoder.pt for encoder.checkpoint of the later stages.",
-        epilog="Config keys used (YAML or --set): data.pretrain_shards, data.shards, data.pretrain_level, "
-               "data.pretrain_background, data.pretrain_clip_frames, data.pretrain_min_crop_scale, "
-               "data.pretrain_min_side_scale, data.pretrain_balanced, data.full_level, data.train_subset, data.val_subset; encoder.* (name, width, checkpoint, "
-               "checkpoint_format, shift_div, activation_checkpointing, freeze_bn, frozen_stages, amp_dtype); "
-               "pretrain.* (optimizer sgd|adamw, lr, momentum, weight_decay, epochs, lr_step_epochs, lr_gamma, "
-               "batch_size (global, in clips), grad_clip_norm, shuffle_buffer_rows); run.name, run.storage, "
-               "run.seed, run.max_failures, run.deterministic; scaling.num_workers, scaling.use_gpu, "
-               "scaling.cpus_per_worker; tracking.*; ray.address, ray.num_cpus.")
-    add_config_arguments(parser)
-    return parser
-
-
-@cli_errors("pretrain")
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(PipelineConfig, build_parser().parse_args(argv))
-    run(cfg)
-    return 0

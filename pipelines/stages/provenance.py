@@ -20,6 +20,7 @@ import json
 
 from typing import Any
 
+from pipelines.data.manifests import FeaturesManifest
 from pipelines.storage import location
 
 ORIGIN_FILE = "encoder_origin.json"
@@ -53,13 +54,13 @@ def trained_origin(checkpoint: str | None, external_clips: str | None = None) ->
     return {"external": True, "details": details}
 
 
-def external_data(features_manifest: dict[str, Any]) -> dict[str, Any]:
+def external_data(features_manifest: FeaturesManifest) -> dict[str, Any]:
     """The submission's `external_data` for detections from these features (older folders: unknown = used)."""
-    origin = features_manifest.get("encoder", {}).get("origin")
+    origin = features_manifest.encoder_origin()
     if origin is None:
         return {"used": True, "details": "unknown: the features manifest records no encoder origin (re-run lofi "
                                          "extract to record it)"}
-    return {"used": origin["external"], "details": f"{origin['details']}; features of {features_manifest['level']}"}
+    return {"used": origin["external"], "details": f"{origin['details']}; features of {features_manifest.level}"}
 
 
 def origin_file(checkpoint: str | None, external_clips: str | None = None) -> tuple[str, bytes]:

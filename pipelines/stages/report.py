@@ -11,11 +11,9 @@ MLflow run with the plot of average mAP against activation memory.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from pipelines.step_memory import stage2_encoder_config
 from pipelines.storage import location
 
 # stage 1's final metrics that the report shows (held-out clips, TAL validation snippets)
@@ -30,45 +28,34 @@ def activation_memory(cfg: PipelineConfig, branches: dict[str, dict[str, Any]]) 
     """Saved-tensor bytes of one training step (per worker): head-only, LoFi, and full fidelity end to end.
 
     Head-only (baseline): the head's step on full-level features (the frozen encoder saves
-    nothing). End to end: encoder + head at each level, from lofi.memory's planner (meta
-    device, exact); LoFi uses stage 2's own measurement when it reports one.
+    nothing). End to end: encoder + head at each level from lofi.memory_plan, the same figure
+    stage 2 logs and a sweep filters on; LoFi uses stage 2's own figure when it reports one.
     """
-    import torch
-
-    from lofi.fidelity import FidelitySchedule
-    from lofi.heads import build_head, head_loss
-    from lofi.memory import measure_head, synthetic_targets
-    from lofi.memory_cli import PlanMemoryConfig, run as plan
-    from lofi.models.resnet import STAGES as ENCODER_STAGES
+    from lofi.fidelity import FidelitySchedule, resolve_level
+    from lofi.memory_plan import head_step_memory, saved_bytes_by_level
     from pipelines.data.features import read_features_manifest
 
     manifest = read_features_manifest(next(iter(branches.values()))["extract"].result.out_dir)
-    dim, num_classes = manifest["feature_dim"], len(manifest["labels"])
+    dim, num_classes = manifest.feature_dim, len(manifest.labels)
     full = cfg.head_level()
     head_batch = cfg.train_head.per_worker_batch(cfg.scaling.num_workers)
-    head = build_head(cfg.head, dim, full.num_snippets, num_classes)
-    targets = synthetic_targets(head_batch, full.num_snippets, cfg.head.resolved_max_duration(full.num_snippets),
-                                num_classes, region_snippets=cfg.head.boundary_region_snippets)
-    head_only = measure_head(head, dim, full.num_snippets, targets, lambda out, t: head_loss(cfg.head, out, t),
-                             head_batch).saved_bytes
-    levels = [level.name for level in FidelitySchedule(cfg.fidelity).levels()]
-    amp = cfg.encoder.amp_dtype if cfg.encoder.amp_dtype != "fp16" or torch.cuda.is_available() else "none"
-    ckpt = tuple(cfg.encoder.activation_checkpointing)
-    rows = plan(PlanMemoryConfig(
-        model=dataclasses.replace(stage2_encoder_config(cfg), checkpoint=None), head=cfg.head, num_classes=num_classes,
-        levels=tuple(dict.fromkeys([*levels, full.name])), level_overrides=dict(cfg.fidelity.overrides),
-        checkpointing=(bool(ckpt),), checkpoint_stages=ckpt or ENCODER_STAGES, amp=(amp,),
-        device="cuda" if amp == "fp16" else "auto"))
+    head_only = head_step_memory(cfg.head, dim, full.num_snippets, num_classes, head_batch).saved_bytes
+    levels = FidelitySchedule(cfg.fidelity).levels()
+    names = [level.name for level in levels]
+    if full.name not in names:  # full fidelity end to end, what LoFi is compared with
+        levels = (*levels, resolve_level(full.name, cfg.fidelity.overrides))
     batch = cfg.train.per_worker_batch(cfg.scaling.num_workers)
-    planned = {row.level.name: row.memory.saved_bytes(batch) for row in rows}
+    # as stage 2 trains: every level's features are resampled to the head's grid
+    planned = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, num_classes, batch,
+                                   head_snippets=full.num_snippets)
     measured = {name: stages["train"].result.metrics.get("activation_memory_bytes")
                 for name, stages in branches.items() if "train" in stages}
     lofi = measured.get("lofi")
     full_e2e = measured.get("full_end_to_end") or planned[full.name]
     others = {name: int(value) for name, value in measured.items() if value and name not in ("lofi", "full_end_to_end")}
-    return {"baseline": head_only, "lofi": int(lofi) if lofi else max(planned[n] for n in levels), **others,
+    return {"baseline": head_only, "lofi": int(lofi) if lofi else max(planned[n] for n in names), **others,
             "full_end_to_end": int(full_e2e), "full_fidelity_end_to_end": int(full_e2e), "planned_per_level": planned,
-            "lofi_source": "stage 2 measurement" if lofi else "lofi.memory planner",
+            "lofi_source": "stage 2 measurement" if lofi else "lofi.memory_plan planner",
             "batch_per_worker": {"train": batch, "train_head": head_batch}}
 
 

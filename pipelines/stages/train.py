@@ -37,7 +37,6 @@ with lofi.memory (encoder probed at T = 2 and 3 and scaled, as `lofi plan-memory
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -48,20 +47,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lofi.config import add_config_arguments, config_from_args, to_dict
-from lofi.errors import LofiError, cli_errors
+from lofi.config import to_dict
+from lofi.errors import LofiError
+from lofi.evaluation import score_in_memory
 from lofi.fidelity import FidelityLevel, FidelitySchedule
 from lofi.heads import build_head
+from lofi.memory_plan import saved_bytes_by_level
+from lofi.models.checkpoints import encoder_state
 from lofi.models.encoders import build_encoder
+from lofi.postprocess import detection_entries
 from pipelines.data import shards
 from pipelines.data.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
                                read_video_labels, tal_batch_loss, tensor_column, video_seed)
+from pipelines.data.manifests import ShardLevel, ShardManifest
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.stages.detect import detection_entries, score_in_memory
-from pipelines.stages.pretrain import encoder_state
 from pipelines.stages.provenance import origin_file
-from pipelines.step_memory import activation_memory_by_level, stage2_encoder_config
 from pipelines.storage import local_file
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
                                fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
@@ -88,13 +89,13 @@ class TALModel(nn.Module):
 
 # 1. inputs ---------------------------------------------------------------------------------
 
-def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
+def check_levels(cfg: PipelineConfig) -> tuple[ShardManifest, list[str]]:
     """(manifest, problems): each schedule level must be prepared at its T/F/S with whole-video rows."""
     if not cfg.data.shards:
         raise LofiError("data.shards is empty: set it to the output folder of `lofi prepare` (--set data.shards=DIR)")
     manifest = shards.read_manifest(cfg.data.shards)
     where = f"{cfg.data.shards}/{shards.MANIFEST}"
-    entries = {entry["name"]: entry for entry in manifest["levels"]}
+    entries = {entry.name: entry for entry in manifest.levels}
     problems = []
     for level in FidelitySchedule(cfg.fidelity).levels():
         entry = entries.get(shard_level(manifest, level))
@@ -103,7 +104,7 @@ def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
                             f"(levels there: {', '.join(entries)}); add a level named {level.name} to the prepare "
                             "config's levels, or choose another fidelity.kind")
             continue
-        if entry["num_snippets"] is None:
+        if entry.num_snippets is None:
             problems.append(f"{where}: level {level.name!r} has a fixed stride (snippet_stride_sec), so videos differ "
                             f"in T; end-to-end training needs num_snippets: {level.num_snippets}")
             continue
@@ -111,7 +112,7 @@ def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
         for key in ("num_snippets", "frames_per_snippet", "size_px", "frame_grid"):
             if getattr(stored, key) != getattr(level, key):
                 field = "spacing_snippets" if key == "frame_grid" else key
-                have = entry.get(field, 0) if key == "frame_grid" else entry[key]
+                have = getattr(entry, field)
                 problems.append(f"{where}: level {level.name!r}: {field} is {have} in the shards but "
                                 f"{getattr(level, field)} in the fidelity schedule; prepare it with {field}: "
                                 f"{getattr(level, field)}, or --set fidelity.overrides.{level.name}.{field}={have}")
@@ -119,39 +120,39 @@ def check_levels(cfg: PipelineConfig) -> tuple[dict[str, Any], list[str]]:
     return manifest, problems
 
 
-def _chunk_problems(cfg: PipelineConfig, entry: dict[str, Any]) -> list[str]:
+def _chunk_problems(cfg: PipelineConfig, entry: ShardLevel) -> list[str]:
     """Training batches whole videos: every row of the level must be a video's only chunk."""
     import pyarrow.compute as pc
 
-    table = shards.read_level_table(cfg.data.shards, entry["name"], ["video_id", "num_chunks"])
+    table = shards.read_level_table(cfg.data.shards, entry.name, ["video_id", "num_chunks"])
     chunked = sorted(set(table.filter(pc.greater(table.column("num_chunks"), 1)).column("video_id").to_pylist()))
     if not chunked:
         return []
-    frame_mib = entry["num_snippets"] * entry["frames_per_snippet"] * entry["size_px"] ** 2 * 3 / 2**20
-    return [f"{cfg.data.shards}: level {entry['name']!r}: videos {', '.join(chunked[:5])}"
+    frame_mib = entry.num_snippets * entry.frames_per_snippet * entry.size_px ** 2 * 3 / 2**20
+    return [f"{cfg.data.shards}: level {entry.name!r}: videos {', '.join(chunked[:5])}"
             f"{' ...' if len(chunked) > 5 else ''} are split into chunks (num_chunks > 1; rows hold "
-            f"{entry['snippets_per_row']} of {entry['num_snippets']} snippets), but training needs whole videos per "
+            f"{entry.snippets_per_row} of {entry.num_snippets} snippets), but training needs whole videos per "
             f"row: rerun `lofi prepare --overwrite` with max_row_mib above {frame_mib:.1f} (one video's frames)"]
 
 
-def shard_level(manifest: dict[str, Any], level: FidelityLevel) -> str:
+def shard_level(manifest: ShardManifest, level: FidelityLevel) -> str:
     """The shard level a schedule level is read from: the one of the same name, else one prepared at the
     same T, F and S under another name (a sweep prepares variants of a level, e.g. s_lofi at 32 and 48 px,
     side by side as s_lofi-t32f4s32, s_lofi-t32f4s48); the name itself when there is none."""
-    def same(entry: dict[str, Any]) -> bool:
-        return entry["num_snippets"] is not None and shards.grid_level(entry).same_frames(level)
+    def same(entry: ShardLevel) -> bool:
+        return entry.num_snippets is not None and shards.grid_level(entry).same_frames(level)
 
-    named = [e for e in manifest["levels"] if e["name"] == level.name]
-    if named and same(named[0]):
+    named = manifest.level(level.name)
+    if named is not None and same(named):
         return level.name
-    return next((e["name"] for e in manifest["levels"] if same(e)), level.name)
+    return next((e.name for e in manifest.levels if same(e)), level.name)
 
 
-def eval_level(cfg: PipelineConfig, manifest: dict[str, Any], levels: tuple[FidelityLevel, ...]) -> FidelityLevel:
+def eval_level(cfg: PipelineConfig, manifest: ShardManifest, levels: tuple[FidelityLevel, ...]) -> FidelityLevel:
     """The level validation runs at and whose T is the head's grid: `data.full_level` (what the encoder
     is used at later) when its rows are whole videos on a fixed grid, else the schedule's finest level."""
-    full = next((e for e in manifest["levels"] if e["name"] == cfg.data.full_level), None)
-    if full is not None and full["num_snippets"] is not None and full["snippets_per_row"] == full["num_snippets"]:
+    full = manifest.level(cfg.data.full_level)
+    if full is not None and full.num_snippets is not None and full.snippets_per_row == full.num_snippets:
         return shards.grid_level(full)
     return max(levels, key=lambda level: (level.num_snippets, level.pixels_per_video()))
 
@@ -162,7 +163,7 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
     from ray.data.expressions import col
 
     entry, _ = shards.level_files(cfg.data.shards, level)
-    if fits_in_memory(cfg, entry["frames"] * entry["size_px"] ** 2 * 3):  # all subsets: an upper bound
+    if fits_in_memory(cfg, entry.frames * entry.size_px ** 2 * 3):  # all subsets: an upper bound
         table = shards.read_level_table(cfg.data.shards, level)
         table = table.filter(pc.equal(table.column("subset"), subset))
         rows = add_video_index(table.select(["video_id", "duration_sec"]), index)
@@ -191,7 +192,7 @@ class TrainLoop:
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         self.schedule = FidelitySchedule(ctx.cfg.fidelity)
-        enc_cfg = stage2_encoder_config(ctx.cfg)
+        enc_cfg = ctx.cfg.stage2_encoder()
         checkpoint = local_file(enc_cfg.checkpoint, "encoder.checkpoint")  # a URI: a node-local copy
         encoder = build_encoder(dataclasses.replace(enc_cfg, checkpoint=checkpoint))
         head = build_head(ctx.cfg.head, encoder.feature_dim, self.head_snippets, self.num_classes)
@@ -259,8 +260,9 @@ class TrainLoop:
                 sums[key] += float(losses[key]) * len(indices)
             sums["videos"] += len(indices)
             videos = [self.labels[i] for i in indices]
-            results.update(detection_entries(out, [v.video_id for v in videos],
-                                             [v.duration_sec for v in videos], self.label_names, ctx.cfg))
+            results.update(detection_entries(out, [v.video_id for v in videos], [v.duration_sec for v in videos],
+                                             self.label_names, ctx.cfg.head.top_k_classes, ctx.cfg.detect.top_k,
+                                             ctx.cfg.detect.soft_nms_sigma))
         sums = all_reduce(sums, ctx.device)
         if not sums["videos"]:
             return info
@@ -305,7 +307,7 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     if not problems and len(train) < cfg.train.batch_size:
         problems.append(f"{cfg.data.shards}: {len(train)} videos of subset {cfg.data.train_subset!r}, fewer than "
                         f"train.batch_size={cfg.train.batch_size}; lower train.batch_size or set data.train_subset")
-    if not manifest["labels"]:
+    if not manifest.labels:
         problems.append(f"{cfg.data.shards}/{shards.MANIFEST}: no class labels; the annotations hold no segments")
     try:
         cfg.train.per_worker_batch(cfg.scaling.num_workers)
@@ -316,12 +318,13 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     index, by_index = index_videos(labels)
     has_val = any(v.subset == cfg.data.val_subset for v in labels.values())
     val_level = eval_level(cfg, manifest, levels)
-    memory = activation_memory_by_level(cfg, levels, val_level.num_snippets, len(manifest["labels"]),
-                                        cfg.train.per_worker_batch(cfg.scaling.num_workers))
+    memory = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, len(manifest.labels),
+                                  cfg.train.per_worker_batch(cfg.scaling.num_workers),
+                                  head_snippets=val_level.num_snippets)
     return {"manifest": manifest, "levels": levels, "index": index, "val_level": val_level if has_val else None,
             "memory": memory,
             "loop": {"activation_memory": memory, "labels": {i: dataclasses.asdict(v) for i, v in by_index.items()},
-                     "num_classes": len(manifest["labels"]), "label_names": list(manifest["labels"]),
+                     "num_classes": len(manifest.labels), "label_names": list(manifest.labels),
                      "head_snippets": val_level.num_snippets,
                      "val_level": dataclasses.asdict(val_level) if has_val else None}}
 
@@ -332,7 +335,7 @@ def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any
     model_config = {
         "encoder": to_dict(dataclasses.replace(cfg.encoder, checkpoint=None)), "head": to_dict(cfg.head),
         "head_snippets": plan["loop"]["head_snippets"], "num_classes": plan["loop"]["num_classes"],
-        "labels": plan["manifest"]["labels"], "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
+        "labels": list(plan["manifest"].labels), "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
     }
     return {"encoder": ("encoder.pt", torch_bytes(encoder_state(model))), "model": ("model.pt", torch_bytes(model)),
             "model_config": ("model.json", json.dumps(model_config, indent=1).encode()),
@@ -348,6 +351,10 @@ def _log_encoder(tracker: Any, cfg: PipelineConfig, weights: dict[str, torch.Ten
     level = max(levels, key=lambda lv: lv.pixels_per_video())
     example = torch.zeros(1, 2, level.frames_per_snippet, level.size_px, level.size_px, 3, dtype=torch.uint8)
     tracker.log_torch_model(encoder.eval(), "encoder", input_example=example, dynamic_dims=(0, 1))
+
+
+# The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
+CONFIG_SECTIONS = ("run.seed", "data", "encoder", "head", "fidelity", "train", "scaling")
 
 
 def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[Any, ...] = ()) -> StageResult:
@@ -375,32 +382,3 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out, run_id,
                         {"activation_memory_bytes": float(memory)})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi train",
-        description="Stage 2 (LoFi): train the encoder and the TAL head end to end with Ray Train, each batch at the "
-                    "fidelity level the schedule picks (fidelity.kind full, s_lofi, t_lofi, st_lofi or c_lofi), read "
-                    "from the `lofi prepare` shard level of the same name (same T, F, S; whole videos per row). "
-                    "DDP over scaling.num_workers workers at the same global batch; a checkpoint every epoch; "
-                    "rerunning with the same run.name resumes. Writes <run.storage>/<run.name>/train/encoder.pt, "
-                    "model.pt and model.json.",
-        epilog="Config keys used (YAML or --set): data.shards, data.full_level (sets the head's grid), "
-               "data.train_subset, data.val_subset; fidelity.kind, fidelity.cycle (epoch|batches), "
-               "fidelity.every_batches, fidelity.overrides.<level>.{num_snippets,frames_per_snippet,size_px}; "
-               "encoder.* (checkpoint: e.g. the stage-1 encoder.pt; activation_checkpointing, amp_dtype, freeze_bn, "
-               "frozen_stages); head.*; train.* (optimizer, lr, momentum, weight_decay, epochs, lr_step_epochs, "
-               "lr_gamma, batch_size (global), encoder_lr_scale, grad_clip_norm (default 1), freeze_encoder_bn "
-               "(default true), shuffle_buffer_rows); run.name, "
-               "run.storage, run.seed, run.max_failures, run.deterministic; scaling.num_workers, scaling.use_gpu, "
-               "scaling.cpus_per_worker; tracking.*; ray.address, ray.num_cpus.")
-    add_config_arguments(parser)
-    return parser
-
-
-@cli_errors("train")
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(PipelineConfig, build_parser().parse_args(argv))
-    run(cfg)
-    return 0

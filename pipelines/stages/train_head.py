@@ -23,7 +23,6 @@ overlap, stride, or null) to rebuild it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -33,18 +32,18 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from lofi.config import add_config_arguments, config_from_args, to_dict
-from lofi.errors import LofiError, cli_errors
+from lofi.config import to_dict
+from lofi.errors import LofiError
 from lofi.heads import build_head
 from lofi.heads.common import decode_detections
 from pipelines.data.batches import (VIDEO_INDEX, VideoLabel, add_video_index, batch_targets, index_videos, read_video_labels,
                                tal_batch_loss, video_seed)
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
-from pipelines.stages.extract import features_location
 from pipelines.data.feature_windows import (WINDOW_COLUMNS, Window, cut_windows, plan_windows, stride_sec, training_windows,
                                        uses_windows, video_entries, window_labels, window_problems, windows_by_video)
 from pipelines.data.features import feature_files, features_dataset, read_features, read_features_manifest
+from pipelines.data.manifests import FeaturesManifest
 from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_history, final_state, finish_stage, fit,
                                fits_in_memory, log_training, stage_tracker, table_dataset, torch_bytes, worker_loop,
                                write_outputs)
@@ -54,11 +53,11 @@ LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
 FEATURE_COLUMNS = ("features", VIDEO_INDEX, "duration_sec")
 
 
-def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+def check_inputs(cfg: PipelineConfig) -> FeaturesManifest:
     """The features manifest, checked for what head training needs; all problems at once."""
-    folder = features_location(cfg)
+    folder = cfg.run.features()
     manifest = read_features_manifest(folder)
-    counts = manifest["counts"]["per_subset"]
+    counts = manifest.counts.per_subset
     problems = window_problems(cfg.data, manifest, folder)
     if not counts.get(cfg.data.train_subset):
         problems.append(f"{folder}: no features of subset {cfg.data.train_subset!r} (subsets: {counts}); "
@@ -66,20 +65,20 @@ def check_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     elif not uses_windows(manifest) and counts[cfg.data.train_subset] < cfg.train_head.batch_size:
         problems.append(f"{folder}: {counts[cfg.data.train_subset]} training videos, fewer than "
                         f"train_head.batch_size={cfg.train_head.batch_size}; lower it")
-    if not manifest.get("labels"):
+    if not manifest.labels:
         problems.append(f"{folder}/features_manifest.json: no class labels")
     if problems:
         raise LofiError(f"lofi train-head cannot start ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
     return manifest
 
 
-def feature_rows(cfg: PipelineConfig, manifest: dict[str, Any], subset: str, index: dict[str, int]) -> Any:
+def feature_rows(cfg: PipelineConfig, manifest: FeaturesManifest, subset: str, index: dict[str, int]) -> Any:
     """Ray Dataset of one subset's features (B, T, D), video_index and duration_sec."""
-    num_bytes = manifest["counts"]["per_subset"][subset] * manifest["num_snippets"] * manifest["feature_dim"] * 4
+    num_bytes = manifest.counts.per_subset[subset] * manifest.num_snippets * manifest.feature_dim * 4
     if fits_in_memory(cfg, num_bytes):
-        table = read_features(features_location(cfg), subset, columns=["video_id", "features", "duration_sec"])
+        table = read_features(cfg.run.features(), subset, columns=["video_id", "features", "duration_sec"])
         return table_dataset(add_video_index(table, index).select(list(FEATURE_COLUMNS)))
-    ds = features_dataset(features_location(cfg), subset)
+    ds = features_dataset(cfg.run.features(), subset)
     ds = ds.map_batches(add_video_index, batch_format="pyarrow", fn_kwargs={"index": index})
     return ds.select_columns(list(FEATURE_COLUMNS))
 
@@ -215,27 +214,27 @@ def _loop(config: dict[str, Any]) -> None:
     worker_loop(WindowHeadLoop(config) if "windows" in config else HeadLoop(config), config)
 
 
-def window_rows(cfg: PipelineConfig, manifest: dict[str, Any], subset: str,
+def window_rows(cfg: PipelineConfig, manifest: FeaturesManifest, subset: str,
                 windows: dict[str, list[tuple[int, int]]]) -> Any:
     """Ray Dataset of one subset's planned windows (B, W, D), video_index (= window index) and duration_sec."""
-    width, dim = cfg.data.window_snippets, manifest["feature_dim"]
+    width, dim = cfg.data.window_snippets, manifest.feature_dim
     kwargs = {"windows": windows, "window_snippets": width, "window_sec": width * stride_sec(manifest)}
     num_windows = sum(map(len, windows.values()))
-    num_bytes = (manifest["counts"]["per_subset"][subset] * manifest["num_snippets"] + num_windows * width) * dim * 4
+    num_bytes = (manifest.counts.per_subset[subset] * manifest.num_snippets + num_windows * width) * dim * 4
     if fits_in_memory(cfg, num_bytes):  # the subset's padded videos and their windows, both on the driver
-        table = read_features(features_location(cfg), subset, columns=["video_id", "num_snippets", "features"])
+        table = read_features(cfg.run.features(), subset, columns=["video_id", "num_snippets", "features"])
         return table_dataset(cut_windows(table, **kwargs))
-    ds = features_dataset(features_location(cfg), subset, columns=["video_id", "num_snippets", "features"])
+    ds = features_dataset(cfg.run.features(), subset, columns=["video_id", "num_snippets", "features"])
     return ds.map_batches(cut_windows, batch_format="pyarrow", fn_kwargs=kwargs).select_columns(list(WINDOW_COLUMNS))
 
 
-def plan_stage(cfg: PipelineConfig, manifest: dict[str, Any], by_index: dict[int, VideoLabel],
+def plan_stage(cfg: PipelineConfig, manifest: FeaturesManifest, by_index: dict[int, VideoLabel],
                has_val: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(loop config, dataset plan) of stage 3: whole videos on a grid, or windows of fixed-stride
     features. The plan maps dataset names to the windows (video_id -> [(window index, start)]) to cut,
     or to None for whole-video rows."""
-    loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": manifest["labels"],
-            "num_snippets": manifest["num_snippets"], "feature_dim": manifest["feature_dim"], "has_val": has_val}
+    loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": list(manifest.labels),
+            "num_snippets": manifest.num_snippets, "feature_dim": manifest.feature_dim, "has_val": has_val}
     subsets = {"train": cfg.data.train_subset} | ({"val": cfg.data.val_subset} if has_val else {})
     if not uses_windows(manifest):
         return loop, {name: None for name in subsets}
@@ -256,7 +255,7 @@ def plan_stage(cfg: PipelineConfig, manifest: dict[str, Any], by_index: dict[int
     return loop, {name: windows_by_video(windows, chosen[name]) for name in subsets}
 
 
-def windows_record(cfg: PipelineConfig, manifest: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
+def windows_record(cfg: PipelineConfig, manifest: FeaturesManifest, plan: dict[str, Any]) -> dict[str, Any] | None:
     """What model.json records of the windows the head was trained on (None: whole videos)."""
     if not uses_windows(manifest):
         return None
@@ -265,15 +264,19 @@ def windows_record(cfg: PipelineConfig, manifest: dict[str, Any], plan: dict[str
             **{f"{name}_windows": sum(map(len, plan[name].values())) for name in plan}}
 
 
+# The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
+CONFIG_SECTIONS = ("run.seed", "data", "head", "train_head", "scaling")
+
+
 def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
     """Stage 3: train the head on <run>/features; write <run>/head/model.pt."""
     start = time.perf_counter()
     manifest = check_inputs(cfg)
-    index, by_index = index_videos(read_video_labels(feature_files(features_location(cfg))))
-    has_val = bool(manifest["counts"]["per_subset"].get(cfg.data.val_subset))
+    index, by_index = index_videos(read_video_labels(feature_files(cfg.run.features())))
+    has_val = bool(manifest.counts.per_subset.get(cfg.data.val_subset))
     loop, plan = plan_stage(cfg, manifest, by_index, has_val)
     connect_ray(cfg.ray)
-    out_dir = cfg.run.location() / "head"
+    out_dir = cfg.run.head()
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
         subsets = {"train": cfg.data.train_subset, "val": cfg.data.val_subset}
@@ -284,38 +287,11 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         history = epoch_history(result, state)
         log_training(tracker, history)
         model_config = {"head": to_dict(cfg.head), "num_snippets": loop["num_snippets"],
-                        "feature_dim": manifest["feature_dim"], "num_classes": len(manifest["labels"]),
-                        "labels": manifest["labels"], "features": str(features_location(cfg)),
+                        "feature_dim": manifest.feature_dim, "num_classes": len(manifest.labels),
+                        "labels": list(manifest.labels), "features": str(cfg.run.features()),
                         "windows": windows_record(cfg, manifest, plan)}
         artifacts = write_outputs(out_dir, {"model": ("model.pt", torch_bytes(state["model"])),
                                             "model_config": ("model.json", json.dumps(model_config, indent=1).encode())},
                                   tracker)
         run_id = tracker.run_id
     return finish_stage(cfg, STAGE, start, history, artifacts, out_dir, run_id)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lofi train-head",
-        description="Stage 3: train the TAL head from scratch on the features `lofi extract` wrote under "
-                    "<run.storage>/<run.name>/features/, with Ray Train (DDP over scaling.num_workers workers, a "
-                    "checkpoint every epoch, resume by run.name). Reports validation loss and detection mAP every "
-                    "epoch. Features of a fixed-stride level are cut into overlapping windows of data.window_snippets "
-                    "snippets. Writes <run.storage>/<run.name>/head/model.pt (head state dict) and model.json.",
-        epilog="Config keys used (YAML or --set): run.name and run.storage (where the features are and the head "
-               "goes), run.seed, run.max_failures, run.deterministic; data.train_subset, data.val_subset, "
-               "data.window_snippets, data.window_overlap, data.window_empty_fraction (fixed-stride features); head.* "
-               "(name bmn|gtad, hidden, max_duration, loss weights, top_k_classes, ...); train_head.* (optimizer, lr, "
-               "momentum, weight_decay, epochs, lr_step_epochs, lr_gamma, batch_size (global), grad_clip_norm, "
-               "shuffle_buffer_rows); detect.soft_nms_sigma, detect.top_k, detect.protocol (anet|thumos: the mAP "
-               "thresholds); scaling.num_workers, scaling.use_gpu, scaling.cpus_per_worker; tracking.*; "
-               "ray.address, ray.num_cpus.")
-    add_config_arguments(parser)
-    return parser
-
-
-@cli_errors("train-head")
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(PipelineConfig, build_parser().parse_args(argv))
-    run(cfg)
-    return 0

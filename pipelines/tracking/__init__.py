@@ -16,9 +16,10 @@ of one parent run (tag mlflow.parentRunId). A training stage's run is made on th
 rank-0 worker attaches to it (`Tracker.attach`) and logs each epoch live; other ranks pass
 enabled=False and never import MLflow.
 
-Failures: no method raises. An unreachable server costs the training loop a few short
-retries once, then calls are queued in memory and sent when it answers again; what is still
-queued at `end()` is dropped with a warning (details in pipelines/tracking/tracker.py).
+Failures: no method raises. An unreachable server costs the training loop MLflow's own few
+HTTP retries once (`tracking.retries`, `tracking.timeout_sec`, set for the process when a
+tracker starts), then calls are queued in memory and sent when it answers again; what is still
+queued at `end()` is dropped with a warning (details in pipelines/tracking/queue.py).
 Runs always end: FINISHED, FAILED (exception), KILLED (KeyboardInterrupt, or a process that
 exits without ending them). A job killed outright (SIGKILL, a lost node, Tune's ASHA) leaves
 its runs RUNNING: the next run of the same name and parent ends them as KILLED, and

@@ -1,7 +1,7 @@
-"""The MLflow calls themselves: clients, experiments, batches within MLflow's limits, models,
-closing runs a killed job left RUNNING, and MLflow's system-metrics sampler.
+"""The MLflow calls themselves: clients, MLflow's HTTP settings, experiments, batches, artifacts,
+models, closing runs a killed job left RUNNING, and MLflow's system-metrics sampler.
 
-Everything here may raise; pipelines.tracking.tracker decides what to retry, queue or drop.
+Everything here may raise; pipelines.tracking.queue decides what to queue or drop.
 MLflow is imported on first use: it costs seconds, and disabled trackers never need it.
 """
 
@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,11 +24,6 @@ import torch
 from lofi.errors import LofiError
 from pipelines.tracking.config import TrackingWarning, artifact_location
 
-# MLflow's own limits (mlflow.utils.validation): longer values and bigger batches are refused.
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-MAX_TAG_VALUE_CHARS = 8000
 # Server-side codes that a later try may not see again (overload, a locked database).
 _TRANSIENT_REST_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 _CLIENTS: dict[str, Any] = {}
@@ -54,31 +48,53 @@ def client(uri: str) -> Any:
     return _CLIENTS[uri]
 
 
-@contextlib.contextmanager
-def request_limits(timeout_sec: float, tracking_uri: str | None = None) -> Iterator[None]:
-    """MLflow reads its HTTP retry/timeout settings from the environment on every request.
+def configure_http(retries: int, timeout_sec: float) -> None:
+    """MLflow's own HTTP retry and timeout settings, for this process, set when a tracker starts.
 
-    Its defaults (7 retries with doubling backoff, 120 s timeout) would stall training for
-    minutes on a dead server, so the tracker's calls run with no MLflow-level retries (the
-    tracker retries itself, briefly) and a short timeout. `tracking_uri` also sets MLflow's
-    process-wide URI, which `mlflow.pytorch.log_model` reads. All restored afterwards.
+    MLflow reads them from the environment on every request (its system-metrics thread too),
+    so they are set once, never around a call. Its defaults (7 retries with backoff from 2 s to
+    minutes, 120 s per request, waiting out a server's Retry-After) would stall training for
+    minutes on a dead server: here a failed request is retried `retries` times (MLflow allows
+    at most _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT, 10) after 0 s, 2 s, 4 s, ... (urllib3's
+    backoff with MLflow's integer factor 1), each request waits at most `timeout_sec`.
     """
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(timeout_sec))}
-    saved = {key: os.environ.get(key) for key in [*settings, "MLFLOW_TRACKING_URI"]}
-    os.environ.update(settings)
-    if tracking_uri is not None:
-        mlflow_module().set_tracking_uri(tracking_uri)
+    from mlflow import environment_variables as env
+
+    env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.set(min(retries, env._MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT.get()))
+    env.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.set(1)
+    env.MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.set(0.0)
+    env.MLFLOW_HTTP_REQUEST_TIMEOUT.set(math.ceil(timeout_sec))  # MLflow takes whole seconds
+    env.MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER.set(False)  # a Retry-After of minutes would stall training
+
+
+def reachable(uri: str, timeout_sec: float) -> bool:
+    """Whether a tracking server answers: one GET /health, no retries, at most `timeout_sec`.
+    Any answer but an overload counts. True for a database URI (no server to ask)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:  # MLflow's request with its auth and TLS settings, with the retries given here, not the process's
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=math.ceil(timeout_sec),
+                     respect_retry_after_header=False)
+    except Exception as err:
+        return not is_transient(err)
+    return True
+
+
+@contextlib.contextmanager
+def tracking_uri_for(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for `mlflow.pytorch.log_model`, which reads
+    only that one; then back to $MLFLOW_TRACKING_URI as it was (MLflow's own `_use_tracking_uri`
+    restores its previous URI, and unsets a variable the user set when that was None)."""
+    mlflow = mlflow_module()
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # also sets the variable
     try:
         yield
     finally:
-        if tracking_uri is not None:
-            # set_tracking_uri(None) also clears the variable, so restore through it first.
-            mlflow_module().set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        mlflow.set_tracking_uri(saved)  # None unsets it, as it was
 
 
 def is_transient(err: BaseException) -> bool:
@@ -135,28 +151,33 @@ def _plain(artifact_location: str) -> str:
 
 
 def param_value(value: Any) -> str:
-    """A config value as MLflow stores it; too long ones are cut (config.yaml keeps them whole)."""
+    """A config value as MLflow stores it; too long ones are cut (config.yaml keeps them whole).
+
+    MLflow's store cuts a too long value itself (unless MLFLOW_TRUNCATE_LONG_VALUES=false, which
+    refuses it), but a tracking server first refuses a whole log_batch request over
+    MAX_BATCH_LOG_REQUEST_SIZE (1 MB), which up to 100 long values in one batch exceed: cut here,
+    to MLflow's own limit, every batch fits.
+    """
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-    if len(text) <= MAX_PARAM_VALUE_CHARS:
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
         return text
     note = f"...[cut: {len(text)} chars; full value in config.yaml]"
-    return text[: MAX_PARAM_VALUE_CHARS - len(note)] + note
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    return text[: MAX_PARAM_VAL_LENGTH - len(note)] + note
 
 
 def log_batch(mlflow_client: Any, run_id: str, params: list[tuple[str, str]] = (),
               metrics: list[tuple[str, float, int, int]] = (), tags: list[tuple[str, str]] = ()) -> None:
-    """One request; `synchronous=True` so MLflow's async-logging mode never starts a thread."""
+    """MlflowClient.log_batch splits them into requests within MLflow's batch limits (and its store
+    cuts too long tags); `synchronous=True` so MLflow's async-logging mode never starts a thread."""
     from mlflow.entities import Metric, Param, RunTag
 
     mlflow_client.log_batch(
         run_id,
         metrics=[Metric(key, value, timestamp_ms, step) for key, value, timestamp_ms, step in metrics],
         params=[Param(key, value) for key, value in params],
-        tags=[RunTag(key, value[:MAX_TAG_VALUE_CHARS]) for key, value in tags],
+        tags=[RunTag(key, value) for key, value in tags],
         synchronous=True,
     )
 
@@ -170,14 +191,9 @@ def json_default(value: Any) -> Any:
     return repr(value)
 
 
-def upload_bytes(mlflow_client: Any, run_id: str, data: bytes, name: str) -> None:
-    """Write `data` to a scratch file named like the artifact and upload it to `name`."""
-    target = Path(name)
-    with tempfile.TemporaryDirectory(prefix="lofi-artifact-") as tmp:
-        path = Path(tmp) / target.name
-        path.write_bytes(data)
-        folder = str(target.parent) if str(target.parent) != "." else None
-        mlflow_client.log_artifact(run_id, str(path), artifact_path=folder)
+def plain_json(data: Any) -> Any:
+    """`data` as plain JSON values (numpy/torch as numbers), a copy: later changes do not leak in."""
+    return json.loads(json.dumps(data, default=json_default))
 
 
 def upload_path(mlflow_client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
@@ -208,7 +224,7 @@ def pip_requirements(serialization_format: str) -> list[str]:
 
 def log_model(mlflow_client: Any, uri: str, run_id: str, exp_id: str, model: torch.nn.Module, name: str,
               example: torch.Tensor | None, dynamic_dims: tuple[int, ...], register_as: str | None,
-              serialization_format: str, timeout_sec: float) -> str:
+              serialization_format: str) -> str:
     """Log `model` (CPU, eval mode) with mlflow.pytorch; return its `models:/` URI.
 
     The LoggedModel is created in the run's experiment first: left to itself, log_model files
@@ -228,7 +244,7 @@ def log_model(mlflow_client: Any, uri: str, run_id: str, exp_id: str, model: tor
             output = model(example)
         kwargs = {"input_example": array, "signature": tensor_signature(array, output, dynamic_dims)}
     logged = mlflow_client.create_logged_model(experiment_id=exp_id, name=name, source_run_id=run_id)
-    with request_limits(timeout_sec, tracking_uri=uri):
+    with tracking_uri_for(uri):
         info = mlflow.pytorch.log_model(
             model, name=name, model_id=logged.model_id, run_id=run_id, serialization_format=serialization_format,
             pip_requirements=pip_requirements(serialization_format), registered_model_name=register_as,
@@ -312,8 +328,8 @@ def start_system_metrics(uri: str, run_id: str) -> Any | None:
 
 
 def stop_system_metrics(monitor: Any) -> None:
-    """Stop the sampler; waits at most a few seconds (its last send to a dead server could take
-    minutes with MLflow's own retries), then leaves the daemon thread to die with the process."""
+    """Stop the sampler; waits at most a few seconds (its last send to a dead server takes MLflow's
+    retries and timeouts), then leaves the daemon thread to die with the process."""
     import threading
 
     stopper = threading.Thread(target=monitor.finish, daemon=True, name="lofi-stop-system-metrics")

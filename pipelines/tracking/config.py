@@ -29,8 +29,11 @@ class TrackingConfig:
     # An experiment keeps the location it was created with.
     artifact_location: str | None = None
     enabled: bool = True  # false: every Tracker is a no-op (as on non-zero ranks)
-    retries: int = 3  # retries of one failed call (short backoff) before it is queued
-    timeout_sec: float = 5.0  # per HTTP request to a server (connect, each read); overrides MLFLOW_HTTP_REQUEST_TIMEOUT
+    # MLflow's HTTP retries of a failed request (0 s, 2 s, 4 s, ... apart; MLflow allows at most 10) before the
+    # call is queued, and its limit per request (connect, each read; whole seconds, rounded up). A tracker sets
+    # them for its process when it starts: MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT.
+    retries: int = 3
+    timeout_sec: float = 5.0
     offline_retry_sec: float = 30.0  # after a failure, calls only queue for this long, then one try flushes the queue
 
     def __post_init__(self) -> None:

@@ -43,9 +43,9 @@ def close_running_children(cfg: TrackingConfig, parent_run_id: str, status: str 
     try:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        with backend.request_limits(cfg.timeout_sec):
-            return backend.close_children(backend.client(resolve_tracking_uri(cfg)), parent_run_id, cfg.experiment,
-                                          status, reason)
+        uri = resolve_tracking_uri(cfg)
+        backend.configure_http(cfg.retries, cfg.timeout_sec)  # as a tracker's: a dead server costs seconds
+        return backend.close_children(backend.client(uri), parent_run_id, cfg.experiment, status, reason)
     except Exception as err:
         warnings.warn(f"lofi tracking: the children of run {parent_run_id} were not closed: "
                       f"{type(err).__name__}: {err}", TrackingWarning, stacklevel=2)

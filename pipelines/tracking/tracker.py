@@ -1,18 +1,13 @@
 """Tracker: one MLflow run whose methods never raise into the training loop.
 
-Every logging call becomes a queued call that is sent at once when MLflow is reachable. A
-call that fails for a transient reason (no connection, timeout, server overload, a locked
-SQLite file) is retried `retries` times with a short backoff (0.25 s, 0.5 s, 1 s, ... at
-most 2 s) and then stays queued: the tracker is "offline" for `offline_retry_sec`, during
-which calls only queue (no network wait at all), then the next call tries the queue once
-(one request, at most `timeout_sec`). The queue is sent in order, so metrics, the config and
-the model arrive as if nothing had happened. `end()` tries the whole queue once more with
-full retries; what still fails is dropped with a warning that counts it, and the run may
-then stay RUNNING on that server. The queue holds at most MAX_PENDING_CALLS calls; beyond
-that new calls are dropped (counted, one warning). A call that fails for any other reason
-(a refused value, a deleted experiment) is dropped with a warning at once. The one error
-`start` raises is a config the user must fix before anything runs (a LofiError from
-resolving the tracking URI, e.g. a SQLite file inside a Ray job's temporary working directory).
+Every logging call builds its payload now (later changes by the caller do not leak in; a figure
+is rendered when sent, by MLflow's log_figure) and goes through the run's offline queue
+(pipelines.tracking.queue): sent at once when MLflow answers, after MLflow's own few short HTTP
+retries; held in order while it does not, and sent when it answers again. `end()` sends the whole queue once more; what still fails is dropped with a
+warning that counts it, and the run may then stay RUNNING on that server. A call MLflow refuses
+(a changed param, a deleted experiment) is dropped with a warning. The one error `start` raises
+is a config the user must fix before anything runs (a LofiError from resolving the tracking URI,
+e.g. a SQLite file inside a Ray job's temporary working directory).
 
 A killed job leaves its runs RUNNING: creating a run first ends, as KILLED, the RUNNING runs of
 the same name and parent in its experiment (and their RUNNING children), tagged lofi.closed_by.
@@ -28,39 +23,27 @@ from __future__ import annotations
 import atexit
 import functools
 import io
-import json
 import logging
 import signal
-import tempfile
 import threading
 import time
 import warnings
-from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
-from lofi.config import dump_yaml, flatten, to_dict
+from lofi.config import flatten, to_dict
 from lofi.errors import LofiError
 from pipelines.tracking import backend
 from pipelines.tracking.config import TrackingConfig, TrackingWarning, resolve_tracking_uri
+from pipelines.tracking.queue import Call, CallQueue
 
-MAX_PENDING_CALLS = 10_000
-_BACKOFF_SEC = 0.25
-_MAX_BACKOFF_SEC = 2.0
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _REPLACED = "a new run of the same name started"  # the lofi.closed_by tag of a run closed by its rerun
 _OPEN: set[Tracker] = set()  # runs to end as KILLED if the process exits without ending them
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Call:
-    what: str  # named in warnings; its first word counts dropped calls by kind
-    send: Callable[[], None]
-    creates_run: bool = False
 
 
 def _never_raises(method: Callable) -> Callable:
@@ -133,11 +116,8 @@ class Tracker:
         self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self._uri = ""
         self._experiment_id = ""
-        self._pending: deque[_Call] = deque()
-        self._offline_until: float | None = None  # time.monotonic() of the next try; None: online
-        self._overflow: Counter[str] = Counter()  # calls dropped because the queue was full, by kind
+        self._queue = CallQueue(run_name, cfg.offline_retry_sec, self._reachable, self._warn)
         self._ended = False
-        self._dead = False  # the run could not be created: nothing more is tried
         self._attach_id: str | None = None  # attached: the existing run's id (set before _open)
         self._system_metrics = False  # attached: also run MLflow's system-metrics sampler
         self._monitor: Any = None  # that sampler, once started
@@ -162,12 +142,11 @@ class Tracker:
 
     def logged_steps(self, key: str) -> set[int] | None:
         """The steps at which the run holds metric `key`, whoever logged them; None when that is not
-        known (no run yet, calls still queued, MLflow unreachable: one short try, no retries)."""
-        if not self.active or self.run_id is None or self._pending:
+        known (no run yet, calls still queued or offline, MLflow unreachable after its retries)."""
+        if not self.active or self.run_id is None or self._queue.pending:
             return None
         try:
-            with backend.request_limits(self.cfg.timeout_sec):
-                return {m.step for m in self._client().get_metric_history(self.run_id, key)}
+            return {m.step for m in self._client().get_metric_history(self.run_id, key)}
         except Exception as err:
             self._warn(f"could not read metric {key!r}: {type(err).__name__}: {err}")
             return None
@@ -180,7 +159,7 @@ class Tracker:
 
     @property
     def active(self) -> bool:
-        return self.enabled and not self._ended and not self._dead
+        return self.enabled and not self._ended and not self._queue.dead
 
     def __enter__(self) -> Tracker:
         return self
@@ -194,19 +173,16 @@ class Tracker:
         self.end("KILLED" if _stopped(exc_type, exc) else "FAILED")
         return False  # the exception goes on
 
-    # ---- logging: each builds its payload now (later changes by the caller do not leak in) ----
+    # ---- logging: each builds its payload now (a figure renders when sent) ----
 
     @_never_raises
     def log_config(self, cfg: Any) -> None:
         """Every config value as a param (dotted key), and the resolved YAML as config.yaml."""
         params = [(key, backend.param_value(value)) for key, value in flatten(to_dict(cfg)).items()]
-        for first in range(0, len(params), backend.MAX_PARAMS_PER_BATCH):
-            chunk = params[first : first + backend.MAX_PARAMS_PER_BATCH]
-            self._submit(_Call(f"log_config params {first + 1}-{first + len(chunk)}",
-                               functools.partial(self._send_batch, params=chunk)))
-        with tempfile.TemporaryDirectory(prefix="lofi-config-") as tmp:
-            dump_yaml(cfg, Path(tmp) / "config.yaml")
-            self.log_bytes((Path(tmp) / "config.yaml").read_bytes(), "config.yaml")
+        # one call: MlflowClient.log_batch sends them in requests of MLflow's batch size
+        self._queue.submit(Call(f"log_config {len(params)} params", functools.partial(self._send_batch, params=params)))
+        text = yaml.safe_dump(to_dict(cfg), sort_keys=False)  # as lofi.config.dump_yaml writes a config file
+        self._queue.submit(Call("log_artifact config.yaml", functools.partial(self._send_text, text, "config.yaml")))
 
     @_never_raises
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -218,13 +194,12 @@ class Tracker:
                 rows.append((str(key), float(value), now_ms, int(step)))
             except (TypeError, ValueError):
                 self._warn(f"metric {key!r} at step {step} is {value!r}, not a number; skipped")
-        for chunk in backend.chunks(rows, backend.MAX_METRICS_PER_BATCH):
-            self._submit(_Call(f"log_metrics step {step}", functools.partial(self._send_batch, metrics=chunk)))
+        self._queue.submit(Call(f"log_metrics step {step}", functools.partial(self._send_batch, metrics=rows)))
 
     @_never_raises
     def set_tags(self, tags: dict[str, Any]) -> None:
         rows = [(str(k), str(v)) for k, v in tags.items()]
-        self._submit(_Call(f"set_tags {sorted(tags)}", functools.partial(self._send_batch, tags=rows)))
+        self._queue.submit(Call(f"set_tags {sorted(tags)}", functools.partial(self._send_batch, tags=rows)))
 
     @_never_raises
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -233,26 +208,27 @@ class Tracker:
         if not source.exists():
             self._warn(f"log_artifact: {source} does not exist; nothing logged")
             return
-        self._submit(_Call(f"log_artifact {source}", functools.partial(self._send_path, source, artifact_path)))
+        self._queue.submit(Call(f"log_artifact {source}", functools.partial(self._send_path, source, artifact_path)))
 
     @_never_raises
     def log_dict(self, data: Any, name: str) -> None:
-        """JSON artifact `name` (e.g. predictions.json, eval/report.json); numpy/torch values as numbers."""
-        self.log_bytes(json.dumps(data, indent=1, default=backend.json_default).encode(), name)
+        """JSON artifact `name` (e.g. predictions.json, eval/report.json); numpy/torch values as numbers
+        (MlflowClient.log_dict, which writes YAML for a name ending .yaml/.yml)."""
+        send = functools.partial(self._send_dict, backend.plain_json(data), name)
+        self._queue.submit(Call(f"log_artifact {name}", send))
 
     @_never_raises
     def log_figure(self, fig: Any, name: str) -> None:
-        """A matplotlib figure as image artifact `name` (format from its suffix, PNG if none)."""
+        """A matplotlib figure as image artifact `name` (format from its suffix, PNG if none), rendered
+        when it is sent (MlflowClient.log_figure): hand over a figure that is not changed afterwards."""
         if not Path(name).suffix:
             name += ".png"
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=Path(name).suffix[1:], dpi=100, bbox_inches="tight")
-        self.log_bytes(buffer.getvalue(), name)
+        self._queue.submit(Call(f"log_artifact {name}", functools.partial(self._send_figure, fig, name)))
 
     @_never_raises
     def log_bytes(self, data: bytes, name: str) -> None:
-        """Bytes as artifact `name` (the others' common path: text, JSON, images)."""
-        self._submit(_Call(f"log_artifact {name}", functools.partial(self._send_bytes, data, name)))
+        """Bytes as artifact `name` (a file a stage wrote, as it stored it)."""
+        self._queue.submit(Call(f"log_artifact {name}", functools.partial(self._send_bytes, bytes(data), name)))
 
     @_never_raises
     def log_torch_model(self, model: torch.nn.Module, name: str, input_example: torch.Tensor | None = None,
@@ -268,7 +244,7 @@ class Tracker:
         register = register_as if register_as is not None else self.cfg.register_model_as
         example = input_example.detach().to("cpu", copy=True) if input_example is not None else None
         send = functools.partial(self._send_model, backend.cpu_copy(model), name, example, tuple(dynamic_dims), register)
-        self._submit(_Call(f"log_torch_model {name}", send))
+        self._queue.submit(Call(f"log_torch_model {name}", send))
 
     def end(self, status: str = "FINISHED") -> None:
         """Send what is queued and mark the run FINISHED, FAILED or KILLED (attached: leave it running);
@@ -279,31 +255,33 @@ class Tracker:
         _OPEN.discard(self)
         if self._monitor is not None:
             backend.stop_system_metrics(self._monitor)
-        if self._dead:
+        if self._queue.dead:
             return
         if status not in STATUSES:
             self._warn(f"end(status={status!r}) is not one of {STATUSES}; ending the run as FAILED")
             status = "FAILED"
         end_ms = int(time.time() * 1000)
         if self._attach_id is None:  # an attached tracker leaves the run to its owner
-            self._pending.append(_Call(f"end run as {status}", functools.partial(self._send_end, status, end_ms)))
+            self._queue.pending.append(Call(f"end run as {status}", functools.partial(self._send_end, status, end_ms)))
         try:
-            self._flush(final=True)
+            self._queue.flush(final=True)
         except Exception as err:  # the promise holds at the very end too
             self._warn(f"ending the run failed: {type(err).__name__}: {err}")
-        unsent = self._overflow + Counter(call.what.split()[0] for call in self._pending)
+        unsent = self._queue.unsent()
         if unsent:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(unsent.items()))
             if self._attach_id is not None:
                 outcome = f"run {self._attach_id} lacks them"
             elif self.run_id is None:
                 outcome = "the run was never created"
+            elif self._queue.pending:
+                outcome = f"run {self.run_id} may show RUNNING there"
             else:
-                outcome = f"run {self.run_id} may show RUNNING there" if self._pending else f"run {self.run_id} ended {status}"
+                outcome = f"run {self.run_id} ended {status}"
             self._warn(f"{sum(unsent.values())} call(s) were never sent to {self._uri} ({kinds}); {outcome}")
-        self._pending.clear()
+        self._queue.clear()
 
-    # ---- sending: queue, retry, go offline ----
+    # ---- sending: through the queue ----
 
     def _open(self) -> None:
         if not self.enabled:
@@ -311,76 +289,25 @@ class Tracker:
         try:
             self._uri = resolve_tracking_uri(self.cfg)
             backend.mlflow_module()
+            backend.configure_http(self.cfg.retries, self.cfg.timeout_sec)
         except LofiError:  # a config the user must fix (e.g. a database Ray deletes with the job): said up front
             raise
         except Exception as err:  # a broken MLflow install
             self._warn(f"tracking is off for this run: {type(err).__name__}: {err}")
-            self._dead = True
+            self._queue.dead = True
             return
+        self._queue.uri = self._uri
         if not _OPEN:  # (re-)registered after MLflow's import: runs before the exit hooks MLflow set up then
             atexit.unregister(_end_open_runs)
             atexit.register(_end_open_runs)
         _OPEN.add(self)
         if self._attach_id is not None:
-            self._submit(_Call(f"attach to run {self._attach_id}", self._attach_run, creates_run=True))
+            self._queue.submit(Call(f"attach to run {self._attach_id}", self._attach_run, creates_run=True))
         else:
-            self._submit(_Call(f"create run {self.run_name!r}", self._create_run, creates_run=True))
+            self._queue.submit(Call(f"create run {self.run_name!r}", self._create_run, creates_run=True))
 
-    def _submit(self, call: _Call) -> None:
-        if len(self._pending) >= MAX_PENDING_CALLS:
-            if not self._overflow:
-                self._warn(f"{MAX_PENDING_CALLS} calls are queued for an unreachable {self._uri}; dropping new ones")
-            self._overflow[call.what.split()[0]] += 1
-            return
-        self._pending.append(call)
-        if self._offline_until is None or time.monotonic() >= self._offline_until:
-            self._flush()
-
-    def _flush(self, final: bool = False) -> bool:
-        """Send queued calls in order; False when one still fails (it and those after it stay)."""
-        was_offline = self._offline_until is not None
-        attempts = 1 if was_offline and not final else self.cfg.retries + 1
-        sent = 0
-        while self._pending and not self._dead:
-            call = self._pending[0]
-            err = self._attempt(call, attempts)
-            if err is not None and backend.is_transient(err):
-                if not was_offline:
-                    self._warn(f"cannot reach {self._uri} ({type(err).__name__}: {err}); {len(self._pending)} call(s) "
-                               f"queued, next try in {self.cfg.offline_retry_sec:g} s; training goes on")
-                self._offline_until = time.monotonic() + self.cfg.offline_retry_sec
-                return False
-            self._pending.popleft()
-            if err is None:
-                sent += 1
-            elif call.creates_run:
-                self._warn(f"no run: {call.what} was refused ({type(err).__name__}: {err}); "
-                           f"this run logs nothing ({len(self._pending)} queued call(s) dropped)")
-                self._dead = True
-                self._pending.clear()
-                _OPEN.discard(self)
-            else:
-                self._warn(f"{call.what} was refused and is dropped: {type(err).__name__}: {err}")
-        if was_offline:
-            _log.warning("lofi tracking (%s): %s reachable again; sent %d queued call(s)", self.run_name, self._uri, sent)
-            self._offline_until = None
-        return True
-
-    def _attempt(self, call: _Call, attempts: int) -> Exception | None:
-        """None when sent; else the error (a non-transient one is not retried)."""
-        error: Exception | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(_BACKOFF_SEC * 2 ** (attempt - 1), _MAX_BACKOFF_SEC))
-            try:
-                with backend.request_limits(self.cfg.timeout_sec):
-                    call.send()
-                return None
-            except Exception as err:
-                error = err
-                if not backend.is_transient(err):
-                    return err
-        return error
+    def _reachable(self) -> bool:
+        return backend.reachable(self._uri, self.cfg.timeout_sec)
 
     def _warn(self, message: str) -> None:
         warnings.warn(f"lofi tracking ({self.run_name}): {message}", TrackingWarning, stacklevel=3)
@@ -389,10 +316,10 @@ class Tracker:
         return backend.client(self._uri)
 
     def _create_run(self) -> None:
+        parent_id = self._parent_run_id or self._parent_id()  # first: an offline parent fails it without a request
         self._experiment_id = backend.experiment_id(self._client(), self._uri, self.cfg.experiment,
                                                     self.cfg.artifact_location)
         tags = dict(self._tags)
-        parent_id = self._parent_run_id or self._parent_id()
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         self._close_replaced(parent_id)  # first: a transient failure here retries both, so one run is made
@@ -427,13 +354,22 @@ class Tracker:
         if parent is None or not parent.active:
             return parent.run_id if parent else None
         if parent.run_id is None:
-            parent._flush()  # the child is trying now, so the parent tries too (once: it is offline)
+            parent._queue.flush()  # the child is trying now, so the parent tries too (offline: one short request)
         if parent.run_id is None:
             raise ConnectionError(f"parent run {parent.run_name!r} is not created yet")
         return parent.run_id
 
     def _send_bytes(self, data: bytes, name: str) -> None:
-        backend.upload_bytes(self._client(), self.run_id, data, name)
+        self._client().log_stream(self.run_id, io.BytesIO(data), name)
+
+    def _send_text(self, text: str, name: str) -> None:
+        self._client().log_text(self.run_id, text, name)
+
+    def _send_dict(self, data: Any, name: str) -> None:
+        self._client().log_dict(self.run_id, data, name)
+
+    def _send_figure(self, fig: Any, name: str) -> None:
+        self._client().log_figure(self.run_id, fig, name, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
 
     def _send_path(self, source: Path, artifact_path: str | None) -> None:
         backend.upload_path(self._client(), self.run_id, source, artifact_path)
@@ -450,7 +386,7 @@ class Tracker:
         for fmt in formats:
             try:
                 uri = backend.log_model(self._client(), self._uri, self.run_id, self._experiment_id, model, name,
-                                        example, dynamic_dims, register_as, fmt, self.cfg.timeout_sec)
+                                        example, dynamic_dims, register_as, fmt)
             except Exception as err:
                 if fmt == "pickle" or backend.is_transient(err):
                     raise

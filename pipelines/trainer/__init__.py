@@ -65,7 +65,7 @@ to hand over (MLflow unreachable at the start), else those the worker could not 
 file it cannot reach, a queue lost with a killed worker). Then the driver logs the training
 curves figure and the artifacts. The rank-0 worker prints one progress line per epoch.
 
-Layout: `worker.py` (the loop, checkpoints, live tracking, numerics), `driver.py` (the trainer, datasets,
+Layout: `worker.py` (the loop, checkpoints, live tracking), `numerics.py` (seeding, all-reduce, RNG state), `driver.py` (the trainer, datasets,
 results, tracking, summaries).
 
 Test hook: with LOFI_TEST_PAUSE="<epoch>:<pid file>" in the driver's environment, the rank-0
@@ -77,9 +77,9 @@ there and waits (up to 120 s) so that a test can kill it, or look at the run and
 from pipelines.trainer.driver import (PAUSE_ENV, epoch_history, final_state, finish_stage, fit, fits_in_memory,
                                       log_epochs, log_missing_epochs, log_training, stage_tracker, summary_lines,
                                       table_dataset, torch_bytes, write_outputs)
-from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, all_reduce, build_optimizer,
-                                      numeric, peak_memory_bytes, progress_line, rng_state, say, seed_epoch,
-                                      set_rng_state, worker_loop)
+from pipelines.trainer.numerics import all_reduce, peak_memory_bytes, rng_state, seed_epoch, set_rng_state
+from pipelines.trainer.worker import (STATE_FILE, StageLoop, StepOutput, WorkerContext, build_optimizer, numeric,
+                                      progress_line, say, worker_loop)
 
 __all__ = [
     "finish_stage",

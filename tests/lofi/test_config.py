@@ -8,11 +8,10 @@ from typing import Literal
 
 import pytest
 
+from lofi_cli.args import add_config_arguments, config_from_args
 from lofi.config import (
     ConfigError,
-    add_config_arguments,
     apply_overrides,
-    config_from_args,
     flatten,
     from_dict,
     load_config,

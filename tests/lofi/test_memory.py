@@ -12,7 +12,7 @@ from torch import nn
 from lofi.heads import HeadConfig, build_head
 from lofi.heads.common import tal_loss
 from lofi.memory import SavedTensorRecorder, measure_encoder, measure_head, measure_step, synthetic_targets
-from lofi.memory_cli import LevelMemory, extrapolate
+from lofi.memory_plan import LevelMemory, extrapolate
 from lofi.models.encoders import EncoderConfig, build_encoder
 from lofi.targets import TALTargets
 

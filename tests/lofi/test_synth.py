@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lofi.synth import MOTION_CLASSES, SynthConfig, generate, make_scene, plan_dataset
 from lofi.synth.scene import layout_instances
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 
 decord = pytest.importorskip("decord")
 
@@ -233,7 +233,7 @@ def test_cluttered_scenes_stay_available_as_a_stress_test():
 
 
 def test_every_option_is_explained():
-    from lofi.synth_cli import build_parser
+    from lofi_cli.synth import build_parser
 
     for action in build_parser()._actions:
         assert action.help and len(action.help) > 10, action.dest

@@ -12,7 +12,7 @@ import pytest
 
 from lofi.synth import MOTION_CLASSES, ClipSynthConfig, generate_clips
 from lofi.synth.simple import build_clip_scene
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 
 decord = pytest.importorskip("decord")
 
@@ -118,7 +118,7 @@ def test_user_errors_name_the_option_and_refuse_to_clobber(clips_dir, capsys):
 
 
 def test_generate_clips_api_and_every_option_is_explained(tmp_path):
-    from lofi.synth_clips_cli import build_parser
+    from lofi_cli.synth_clips import build_parser
 
     summary = generate_clips(tmp_path / "api", ClipSynthConfig(num_clips=6, val_fraction=0.0, clip_sec=3),
                              progress=False)

@@ -118,7 +118,7 @@ def s3_prepared(ray_cluster, s3_server, tiny_tal_videos, tmp_path_factory) -> st
     (its `prepared/` holds the shards)."""
     import yaml
 
-    from pipelines.cli import main
+    from lofi_cli.commands import main
 
     root = f"{s3_server}/{uuid.uuid4().hex}"
     prepare_yaml = tmp_path_factory.mktemp("s3_prepare") / "prepare.yaml"
@@ -134,14 +134,14 @@ def s3_prepared(ray_cluster, s3_server, tiny_tal_videos, tmp_path_factory) -> st
 @pytest.mark.slow
 def test_prepare_and_train_on_s3_then_resume_from_the_bucket(s3_prepared):
     from pipelines.data import shards
-    from pipelines.cli import main
+    from lofi_cli.commands import main
 
     root = s3_prepared
 
     # the shards are objects in the bucket: parts, their records, the manifest; nothing in flight left
     prepared = _objects(f"{root}/prepared")
     manifest = shards.read_manifest(f"{root}/prepared")
-    listed = {rel for level in manifest["levels"] for rel in level["shards"]}
+    listed = {rel for level in manifest.levels for rel in level.shards}
     assert {"manifest.json", "prepare_config.json"} <= set(prepared) and listed
     assert {key for key in prepared if key.endswith(".parquet")} == listed
     assert len([key for key in prepared if key.startswith("_parts/")]) == 2  # 6 videos, 3 per part
@@ -177,7 +177,7 @@ def test_extract_train_head_and_detect_on_s3_commit_by_manifest(s3_prepared, tin
     import torch
 
     from lofi.models.encoders import EncoderConfig, build_encoder
-    from pipelines.cli import main
+    from lofi_cli.commands import main
     from pipelines.data.features import FEATURES_MANIFEST, features_dataset, read_features
 
     # the encoder checkpoint is an object too (its sha1 goes into the manifest)

@@ -26,7 +26,7 @@ import yaml
 
 from lofi.config import load_config
 from lofi.models.encoders import EncoderConfig, build_encoder
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.config import PipelineConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -72,12 +72,12 @@ def dataset(tiny_tal_videos) -> Path:
 
 def budget_between_s_lofi_and_full(pipeline: Path) -> float:
     """A budget (GiB) that s_lofi fits and full does not, from the planner's own per-level figures."""
-    from pipelines.step_memory import activation_memory_by_level
+    from lofi.memory_plan import saved_bytes_by_level
     from lofi.fidelity import resolve_level
 
     cfg = load_config(PipelineConfig, pipeline)
     levels = tuple(resolve_level(n, cfg.fidelity.overrides) for n in ("s_lofi", "full"))
-    memory = activation_memory_by_level(cfg, levels, 8, 3, 2)
+    memory = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, num_classes=3, batch_size=2, head_snippets=8)
     assert memory["s_lofi"] < memory["full"]
     return (memory["s_lofi"] + memory["full"]) / 2 / 2**30
 
@@ -113,7 +113,7 @@ def run_sweep(ray_cluster, dataset, tmp_path_factory):
     budget = budget_between_s_lofi_and_full(pipeline)
     argv = ["sweep", "--config", str(sweep), "--set", f"search.budget_gb={budget}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], env=env, cwd=tmp,
+    driver = subprocess.Popen([sys.executable, "-m", "lofi_cli", *argv], env=env, cwd=tmp,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:  # kill the driver once the first trial has reported its first epoch to Tune
         wait_for(tmp / "sweeps" / "tiny" / "tune" / "trial-02" / "result.json", 240, driver)

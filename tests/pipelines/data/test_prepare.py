@@ -19,7 +19,7 @@ from PIL import Image
 
 from lofi.config import from_dict
 from lofi.errors import LofiError
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.data.prepare import PrepareConfig, run
 from pipelines.data.shards import committed_parts, frames_array, read_level_dataset, read_level_table
 
@@ -189,7 +189,7 @@ def test_killed_run_resumes_to_the_same_dataset(prepared, synth_small, tmp_path)
     config = tmp_path / "prepare.yaml"
     config.write_text(yaml.safe_dump(config_dict(synth_small, out, num_workers=1, videos_per_part=1)))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "prepare", "--config", str(config), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "lofi_cli", "prepare", "--config", str(config), "--quiet"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_parts(out, proc, at_least=1, timeout_sec=90)

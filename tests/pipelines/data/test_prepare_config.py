@@ -8,7 +8,8 @@ import pytest
 
 from lofi.config import ConfigError, from_dict, load_config
 from lofi.fidelity import PRESETS
-from pipelines.data.prepare import PrepareConfig, build_parser
+from lofi_cli.prepare import build_parser
+from pipelines.data.prepare_config import PrepareConfig
 
 REPO = Path(__file__).resolve().parents[3]
 BASE = {"input": {"annotations": "a.json", "videos": "v"}, "output": "out"}

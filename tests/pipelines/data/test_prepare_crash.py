@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lofi.config import from_dict
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.data.prepare import PrepareConfig, run
 from pipelines.data.prepare_tasks import CRASH_TEST_ENV
 from pipelines.data.shards import MANIFEST, committed_parts, read_level_table

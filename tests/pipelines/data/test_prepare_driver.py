@@ -92,9 +92,9 @@ def test_part_writer_output_reads_back_as_tensors(tmp_path):
     writer.add(staged("a"))
     rec = writer.commit()
     manifest = shards.build_manifest(tmp_path, {}, [LEVEL], ["jump"], [], total=2, wall_time_sec=1.0, processed=2)
-    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest))
-    assert manifest["counts"]["videos_ok"] == 1 and manifest["counts"]["videos_failed"] == 1
-    assert manifest["levels"][0]["shards"] == [rec["levels"]["lo"]["file"]]
+    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest.to_dict()))
+    assert manifest.counts.videos_ok == 1 and manifest.counts.videos_failed == 1
+    assert manifest.levels[0].shards == (rec["levels"]["lo"]["file"],)
     table = shards.read_level_table(tmp_path, "lo")
     frames = shards.frames_array(table)
     assert frames.shape == (1, 2, 1, 2, 2, 3) and frames.ravel().tolist() == list(range(24))

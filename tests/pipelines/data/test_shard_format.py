@@ -43,7 +43,7 @@ def written(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
     writer.add(staging_table(staged_rows("b", frames["b"])))
     writer.commit()
     manifest = shards.build_manifest(tmp_path, {}, [LEVEL], ["jump"], [], total=3, wall_time_sec=1.0, processed=3)
-    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / shards.MANIFEST).write_text(json.dumps(manifest.to_dict()))
     return tmp_path, frames
 
 

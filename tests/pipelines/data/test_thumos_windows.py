@@ -13,7 +13,7 @@ import yaml
 
 from lofi.config import from_dict
 from lofi.models.encoders import EncoderConfig, build_encoder
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.data.prepare import PrepareConfig, run as prepare
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ from lofi.annotations import load_predictions
 from lofi.config import from_dict, to_dict
 from lofi.heads import build_head
 from lofi.heads.common import decode_detections
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.config import PipelineConfig
 from pipelines.stages.detect import run
 from pipelines.data.features import FeatureWriter
@@ -154,7 +154,7 @@ def test_in_memory_scoring_of_validation_detections_matches_hand_worked_cases():
     """Stage 2 scores its validation detections without files: exact hits score 1, a wrong class
     scores 0, and half the ground truth found (at every tIoU) scores 0.5."""
     from pipelines.data.batches import VideoLabel
-    from pipelines.stages.detect import score_in_memory
+    from lofi.evaluation import score_in_memory
 
     videos = [VideoLabel("a", "validation", 30.0, ((2.0, 8.0), (20.0, 26.0)), (0, 1), ("jump", "spin")),
               VideoLabel("b", "validation", 20.0, ((5.0, 9.0),), (0,), ("jump",))]

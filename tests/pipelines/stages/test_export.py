@@ -21,7 +21,7 @@ import torch
 
 from lofi.config import from_dict
 from lofi.models.encoders import EncoderConfig, build_encoder
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.config import PipelineConfig
 from pipelines.stages.extract import run as extract
 from pipelines.data.features import read_features, read_features_manifest, video_features
@@ -151,7 +151,7 @@ def test_a_toolkit_reader_finds_every_feature_and_segment_where_the_video_has_it
     truth = video_features(table)
     rows = {r["video_id"]: r for r in table.drop_columns(["features"]).to_pylist()}
     manifest = read_features_manifest(folder)
-    times = sampled_times(manifest["shards"], manifest["level"])
+    times = sampled_times(manifest.shards, manifest.level)
     seen, covered = set(), 0
     for subset in sorted({r["subset"] for r in rows.values()}):
         items = READERS[reader](out, subset)
@@ -171,7 +171,7 @@ def test_a_toolkit_reader_finds_every_feature_and_segment_where_the_video_has_it
             centres = np.array([item["centre"](i) for i in range(t)])
             assert np.all(np.abs(grid - centres)[~clipped] <= tolerance), (vid, grid, centres)
             # labels through the label map; each segment covers the snippets whose frames fall inside it
-            assert [manifest["labels"][i] for i in item["labels"]] == row["segment_label"]
+            assert [manifest.labels[i] for i in item["labels"]] == row["segment_label"]
             for (start, end), expected in zip(item["segments"], zip(row["segment_start_sec"], row["segment_end_sec"])):
                 assert (start, end) == pytest.approx(expected)
                 lo, hi = item["to_grid"]([start, end])
@@ -188,7 +188,7 @@ def test_export_layout_names_files_by_prefix_and_keys_by_video_id(exported, feat
     ids = read_features(features["stride"]).column("video_id").to_pylist()
     assert sorted(p.name for p in (out / "features").iterdir()) == sorted(f"v_{v}.npy" for v in ids)
     assert sorted(json.loads((out / "annotations.json").read_text())["database"]) == sorted(ids)
-    labels = read_features_manifest(features["stride"])["labels"]
+    labels = list(read_features_manifest(features["stride"]).labels)
     assert (out / "category_idx.txt").read_text().splitlines() == labels
     settings = json.loads((out / "toolkits.json").read_text())
     fps = settings["fps"]

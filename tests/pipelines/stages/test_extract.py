@@ -17,7 +17,7 @@ from lofi.config import from_dict
 from lofi.errors import LofiError
 from lofi.models.encoders import EncoderConfig, build_encoder
 from pipelines.stages import extract
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.config import PipelineConfig
 from pipelines.stages.extract import run
 from pipelines.data.features import (FEATURES_MANIFEST, SUMMARY_COLUMNS, features_array, read_features,
@@ -138,10 +138,10 @@ def test_features_folder_is_committed_whole(whole):
     _, result, _ = whole
     out = Path(result.out_dir)
     manifest = read_features_manifest(out)
-    assert folder_files(out) == {FEATURES_MANIFEST, *manifest["files"]}  # nothing the manifest does not name
-    assert read_features(out).num_rows == manifest["counts"]["videos"] == 6
+    assert folder_files(out) == {FEATURES_MANIFEST, *manifest.files}  # nothing the manifest does not name
+    assert read_features(out).num_rows == manifest.counts.videos == 6
     written_last = (out / FEATURES_MANIFEST).stat().st_mtime_ns
-    assert all((out / f).stat().st_mtime_ns <= written_last for f in manifest["files"])
+    assert all((out / f).stat().st_mtime_ns <= written_last for f in manifest.files)
     assert [p.name for p in out.parent.iterdir()] == ["features"]  # no temp or old folder beside it
 
 
@@ -160,10 +160,10 @@ def test_one_row_per_good_video_with_features_of_shape_T_by_D(whole, synth_small
         assert row["segment_start_sec"] == pytest.approx([a["segment"][0] for a in truth["annotations"]])
         assert row["segment_label"] == [a["label"] for a in truth["annotations"]]
     manifest = read_features_manifest(result.out_dir)
-    assert (manifest["feature_dim"], manifest["num_snippets"], manifest["fixed_grid"]) == (WIDTH * 8, 8, True)
-    assert manifest["counts"]["videos"] == 6 and manifest["encoder"]["checkpoint"] == str(cfg.encoder.checkpoint)
+    assert (manifest.feature_dim, manifest.num_snippets, manifest.fixed_grid) == (WIDTH * 8, 8, True)
+    assert manifest.counts.videos == 6 and manifest.encoder["checkpoint"] == str(cfg.encoder.checkpoint)
     subsets = [database[v]["subset"] for v in good]
-    assert manifest["counts"]["per_subset"] == {s: subsets.count(s) for s in set(subsets)}
+    assert manifest.counts.per_subset == {s: subsets.count(s) for s in set(subsets)}
     training = read_features(result.out_dir, "training")
     assert training.column("video_id").to_pylist() == [v for v in good if database[v]["subset"] == "training"]
     with pytest.raises(LofiError, match="no video of subset 'testing'; subsets there: "):
@@ -237,8 +237,8 @@ def test_stride_level_drops_padding_and_writes_one_npy_per_video(prepared, check
         np.testing.assert_allclose(npy, expected[vid], rtol=1e-4, atol=1e-5)
         assert not padded[i, t:].any()  # the rows past this video's T are padding
     manifest = read_features_manifest(result.out_dir)
-    assert not manifest["fixed_grid"] and manifest["npy"]
-    assert folder_files(Path(result.out_dir)) == {FEATURES_MANIFEST, *manifest["files"],
+    assert not manifest.fixed_grid and manifest.npy
+    assert folder_files(Path(result.out_dir)) == {FEATURES_MANIFEST, *manifest.files,
                                                   *(f"npy/{vid}.npy" for vid in expected)}
 
 
@@ -255,7 +255,7 @@ def test_a_failed_worker_write_leaves_the_previous_features_and_a_rerun_replaces
                                                                                       tmp_path, monkeypatch):
     _, previous, _ = whole
     cfg = pipeline_cfg(tmp_path, prepared, checkpoint, "whole")
-    out = extract.features_dir(cfg)
+    out = Path(cfg.run.features().uri)
     shutil.copytree(previous.out_dir, out)
     (out / "from-the-previous-run").write_text("")
     before = {f: (out / f).read_bytes() for f in folder_files(out)}
@@ -276,7 +276,7 @@ def test_a_failed_worker_write_leaves_the_previous_features_and_a_rerun_replaces
 
     monkeypatch.setattr(extract, "write_videos", write)
     run(cfg, verbose=False)
-    assert folder_files(out) == {FEATURES_MANIFEST, *read_features_manifest(out)["files"]}
+    assert folder_files(out) == {FEATURES_MANIFEST, *read_features_manifest(out).files}
     assert [p.name for p in out.parent.iterdir()] == ["features"]  # the old folder is gone too
 
 

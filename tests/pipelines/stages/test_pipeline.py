@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 LEVELS = {"full": (8, 32), "s_lofi": (8, 16), "t_lofi": (4, 32), "st_lofi": (6, 24)}  # name -> (T, S); F = 2

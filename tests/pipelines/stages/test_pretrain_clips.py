@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lofi.config import from_dict
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.config import PipelineConfig
 from pipelines.data.prepare import PrepareConfig, run as prepare
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pipelines.data.manifests import FeaturesManifest
 from pipelines.stages.provenance import ORIGIN_FILE, checkpoint_origin, external_data, trained_origin
 
 
@@ -28,6 +29,6 @@ def test_a_stage_keeps_the_origin_written_beside_its_checkpoint(tmp_path):
 
 
 def test_submissions_declare_the_features_origin_and_unknown_as_used():
-    manifest = {"level": "full", "encoder": {"origin": {"external": False, "details": "from scratch"}}}
+    manifest = FeaturesManifest(level="full", encoder={"origin": {"external": False, "details": "from scratch"}})
     assert external_data(manifest) == {"used": False, "details": "from scratch; features of full"}
-    assert external_data({"level": "full", "encoder": {}})["used"] is True
+    assert external_data(FeaturesManifest(level="full", encoder={}))["used"] is True

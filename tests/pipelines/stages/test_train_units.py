@@ -13,7 +13,7 @@ from lofi.heads import HeadConfig, build_head, head_loss
 from lofi.targets import make_targets
 from pipelines.data.batches import (add_video_index, batch_targets, frames_tensor, index_videos, snippet_clips,
                                tal_batch_loss, video_labels_from_table, video_seed, video_slice)
-from pipelines.cli import main as lofi_main
+from lofi_cli.commands import main as lofi_main
 from pipelines.trainer import rng_state, seed_epoch, set_rng_state
 
 
@@ -160,13 +160,14 @@ def test_activation_memory_matches_a_direct_measurement_of_the_training_step():
     from lofi.memory import measure_step, synthetic_targets
     from lofi.models.encoders import EncoderConfig, build_encoder
     from pipelines.config import PipelineConfig
-    from pipelines.step_memory import activation_memory_bytes
+    from lofi.memory_plan import saved_bytes_by_level
     from pipelines.stages.train import TALModel
 
     cfg = PipelineConfig(encoder=EncoderConfig(width=8, freeze_bn=True),
                          head=HeadConfig(name="bmn", hidden=16, num_sample=4))
-    predicted = activation_memory_bytes(cfg, (FidelityLevel("lo", 4, 2, 32), FidelityLevel("tiny", 2, 2, 16)),
-                                        head_t=8, num_classes=6, batch_size=3)
+    predicted = max(saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, (FidelityLevel("lo", 4, 2, 32),
+                                         FidelityLevel("tiny", 2, 2, 16)), num_classes=6, batch_size=3,
+                                         head_snippets=8).values())
     encoder = build_encoder(cfg.encoder)
     model = TALModel(encoder, build_head(cfg.head, encoder.feature_dim, 8, 6), head_snippets=8).train()
     targets = synthetic_targets(3, 8, 8, 6)

@@ -7,7 +7,7 @@ from pathlib import Path
 from lofi.config import load_config, replace
 from lofi.fidelity import FidelitySchedule
 from pipelines.config import PipelineConfig
-from pipelines.stages.pipeline import PipelineOptions, stage2_config
+from pipelines.stages.branches import PipelineOptions, stage2_config
 
 DEMO = Path(__file__).resolve().parents[3] / "deploy" / "configs" / "pipeline" / "demo.yaml"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from lofi.config import add_config_arguments, load_config
-from lofi.errors import LofiError, cli_errors
-from lofi.synth import MOTION_CLASSES, SCENES, SynthConfig, generate
+from lofi.config import load_config
+from lofi.errors import LofiError
+from lofi.synth import generate, MOTION_CLASSES, SCENES, SynthConfig
+from lofi_cli.args import add_config_arguments, cli_errors
 
 # flag -> SynthConfig field; a flag given on the command line wins over --config and --set.
 FLAG_FIELDS: dict[str, str] = {

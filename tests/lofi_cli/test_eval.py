@@ -10,7 +10,7 @@ import pytest
 
 from lofi.annotations import load_annotations, save_predictions
 from lofi.annotations.types import Detections
-from pipelines.cli import main as lofi
+from lofi_cli.commands import main as lofi
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -74,7 +74,7 @@ def test_eval_starts_without_torch_or_pandas(tmp_path):
         {"segment": [0, 10], "label": "X"}]}}}))
     pred = tmp_path / "p.json"
     pred.write_text(json.dumps({"results": {"a": [{"label": "X", "score": 0.9, "segment": [0, 10]}]}}))
-    code = ("import sys; from pipelines.cli import main; "
+    code = ("import sys; from lofi_cli.commands import main; "
             f"assert main(['eval', '--ground-truth', {str(gt)!r}, '--predictions', {str(pred)!r}, '--json']) == 0; "
             "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

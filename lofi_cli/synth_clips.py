@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lofi.config import add_config_arguments
-from lofi.errors import cli_errors
-from lofi.synth import MOTION_CLASSES, ClipSynthConfig, generate_clips
-from lofi.synth_cli import add_workers_argument, run_generator
+from lofi.synth import ClipSynthConfig, generate_clips, MOTION_CLASSES
+from lofi_cli.args import add_config_arguments, cli_errors
+from lofi_cli.synth import add_workers_argument, run_generator
 
 # flag -> ClipSynthConfig field; a flag given on the command line wins over --config and --set.
 FLAG_FIELDS: dict[str, str] = {

@@ -7,10 +7,10 @@ import json
 import sys
 from typing import Any
 
-from lofi.config import add_config_arguments, load_config
-from lofi.errors import cli_errors
-from lofi.annotations_cli import quiet_annotation_log
+from lofi.annotations import quiet_annotation_log
+from lofi.config import load_config
 from lofi.evaluation import EvalConfig, run_eval
+from lofi_cli.args import add_config_arguments, cli_errors
 
 
 def _tiou_list(text: str) -> tuple[float, ...]:

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 
-from lofi.annotations import FORMATS, SUBSETS, AnnotationSet, end_tolerance_sec, load_annotations, save_activitynet
-from lofi.errors import cli_errors
-
-
-@contextlib.contextmanager
-def quiet_annotation_log() -> Iterator[None]:
-    """Silence the loader's log while a CLI prints the same warnings itself."""
-    logger = logging.getLogger("lofi.annotations")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+from lofi.annotations import (FORMATS, SUBSETS, AnnotationSet, end_tolerance_sec, load_annotations, quiet_annotation_log,
+                              save_activitynet)
+from lofi_cli.args import cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
