@@ -109,7 +109,7 @@ def pipeline(data: Path, out: Path, levels: list[dict], workers: int, **extra) -
                                     "output": str(out), "levels": levels, "num_workers": workers,
                                     "overwrite": True, "max_error_fraction": 1.0, "videos_per_part": 2, **extra})
     result = run(cfg, verbose=False)
-    return result.wall_time_sec, json.loads(Path(result.manifest_path).read_text())
+    return result.wall_time_sec, shards.read_manifest(result.out_dir)
 
 
 class PeakMemory:
@@ -318,9 +318,9 @@ def main() -> None:
                       f"idle cluster {growth[0]:.0f} -> {growth[1]:.0f} MiB")
         jpeg = {**DEMO_LEVEL, "name": "demo_jpeg", "storage": "jpeg"}
         _, manifest = pipeline(demo, work / "bytes", [DEMO_LEVEL, jpeg], 2)
-        for lv in manifest["levels"]:
-            print(f"bytes per video, {lv['storage']:5s} T={lv['num_snippets']} F={lv['frames_per_snippet']} "
-                  f"S={lv['size_px']}: {lv['bytes_per_video'] / 2**20:.2f} MiB")
+        for lv in manifest.levels:
+            print(f"bytes per video, {lv.storage:5s} T={lv.num_snippets} F={lv.frames_per_snippet} "
+                  f"S={lv.size_px}: {lv.bytes_per_video / 2**20:.2f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from pipelines.data import shards
 from pipelines.data.features import FEATURES_MANIFEST
 from pipelines.stages.pipeline import Stage
 from pipelines.stages.report import activation_memory
-from pipelines.stages.train import TALModel
+from lofi.models.encoders import TALModel
 from tuning.config import SweepConfig
 from tuning.sweep import plan_trials
 

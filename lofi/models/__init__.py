@@ -1,10 +1,11 @@
-"""Video encoders (TSM-ResNet), their checkpoint loaders and the stage-1 clip classifier."""
+"""Video encoders (TSM-ResNet), their checkpoint loaders, the stage-1 clip classifier and the stage-2 model."""
 
 from lofi.models.checkpoints import CheckpointError, LoadedCheckpoint, load_backbone_checkpoint
 from lofi.models.encoders import (
     ENCODERS,
     ClipClassifier,
     EncoderConfig,
+    TALModel,
     VideoEncoder,
     build_encoder,
     normalize_frames,
@@ -18,6 +19,7 @@ __all__ = [
     "ClipClassifier",
     "EncoderConfig",
     "LoadedCheckpoint",
+    "TALModel",
     "ResNet",
     "VideoEncoder",
     "build_encoder",

@@ -194,3 +194,20 @@ class ClipClassifier(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         return self.fc(self.dropout(self.encoder.forward_frames(frames)))  # (B, D) -> (B, K)
+
+
+class TALModel(nn.Module):
+    """Stage 2: encoder + TAL head end to end, frames (B, T, F, H, W, C) -> HeadOutput on the head's
+    grid (the encoder's T resampled to `head_snippets`). Its state dict holds the encoder under
+    `encoder.` (lofi.models.checkpoints.encoder_state)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, head_snippets: int) -> None:
+        super().__init__()
+        self.encoder, self.head, self.head_snippets = encoder, head, head_snippets
+
+    def forward(self, frames: Tensor) -> object:
+        features = self.encoder(frames)  # (B, T, F, H, W, C) -> (B, D, T)
+        if features.shape[-1] != self.head_snippets:
+            # Both grids cover the whole video, so resampling keeps each feature at its time.
+            features = nn.functional.interpolate(features, size=self.head_snippets, mode="linear", align_corners=False)
+        return self.head(features)  # (B, D, T_head) -> HeadOutput

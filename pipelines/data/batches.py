@@ -109,7 +109,7 @@ def tensor_column(array: np.ndarray) -> pa.Array:
 
 def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """A level table as the numpy batch Ray Data's map_batches would pass (frames decoded)."""
-    from pipelines.data.shards import frames_array
+    from pipelines.data.tensors import frames_array
 
     out: dict[str, np.ndarray] = {"frames": frames_array(table)}
     for name in table.column_names:
@@ -132,7 +132,7 @@ def frames_tensor(batch: Any) -> torch.Tensor:
     "frames" entry is a numpy array or tensor (a Ray Data numpy or torch batch).
     """
     if isinstance(batch, pa.Table):
-        from pipelines.data.shards import frames_array
+        from pipelines.data.tensors import frames_array
 
         array = frames_array(batch)
     else:

@@ -33,7 +33,7 @@ from lofi.sampling import num_stride_snippets
 from lofi.windows import cut_window, merge_window_detections, window_ground_truth, window_starts
 from pipelines.data.batches import VIDEO_INDEX, VideoLabel
 from pipelines.config import DataSection, DetectSection
-from pipelines.data.features import tensor_numpy
+from pipelines.data.tensors import tensor_numpy
 from pipelines.data.manifests import FeaturesManifest
 
 WINDOW_COLUMNS = ("features", VIDEO_INDEX, "duration_sec")
@@ -126,7 +126,7 @@ def cut_windows(batch: pa.Table, windows: Mapping[str, list[tuple[int, int]]], w
     """map_batches (batch_format="pyarrow"): video rows (video_id, num_snippets, features (T_max, D))
     -> one row per planned window: features (W, D), video_index (the window's index), duration_sec
     (the window's span, W * stride)."""
-    from pipelines.data.features import ray_tensor_column
+    from pipelines.data.tensors import ray_tensor_column
 
     feats = tensor_numpy(batch.column("features"))  # (N, T_max, D)
     rows, indices = [], []

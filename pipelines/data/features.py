@@ -71,6 +71,7 @@ from lofi.errors import LofiError
 from pipelines.data.manifests import FeaturesCounts, FeaturesManifest
 from pipelines.data.shards import part_name, write_json_atomic
 from pipelines.storage import Location, location, read_parquet
+from pipelines.data.tensors import ray_tensor_column, tensor_numpy
 
 FEATURES_SCHEMA_VERSION = 1
 FEATURES_MANIFEST = "features_manifest.json"
@@ -286,24 +287,6 @@ class FeatureWriter:
 
 
 # Writing from Ray Data workers (`lofi extract`) ----------------------------------------------
-
-def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A tensor column as one ndarray, whether Arrow's canonical tensor type (the shards) or Ray
-    Data's own (what Ray Data's shuffle carries)."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if isinstance(array.type, pa.FixedShapeTensorType):
-        return array.to_numpy_ndarray()
-    return array.to_numpy(zero_copy_only=False)
-
-
-def ray_tensor_column(values: np.ndarray) -> pa.Array:
-    """(N, ...) as Ray Data's tensor type, for columns that go through a Ray Data shuffle: with
-    Arrow's canonical tensor type Ray Data's hash shuffle fails (pyarrow cannot build the empty
-    array it starts from; measured with Ray 2.60, pyarrow 25)."""
-    from ray.data.extensions import ArrowTensorArray
-
-    return ArrowTensorArray.from_numpy(values)
-
 
 def assemble_video(group: pa.Table, num_snippets: int) -> pa.Table:
     """map_groups: the encoded chunk rows of one video -> one row of META_COLUMNS and its

@@ -56,7 +56,6 @@ another schema version, naming the fix (`lofi prepare --overwrite`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -72,13 +71,13 @@ import pyarrow.parquet as pq
 from lofi.errors import LofiError
 from lofi.fidelity import FidelityLevel
 from pipelines.data.manifests import MANIFEST, ShardLevel, ShardManifest
+from pipelines.data.tensors import SHAPE_KEY, binary_values, decode_jpeg_batch, fixed_tensor, with_frames_tensor
 from pipelines.storage import Location, location, read_parquet
 
 SCHEMA_VERSION = 2  # 2: frames stored as fixed_size_binary (1: uint8 tensor as Parquet INT32)
 CONFIG_RECORD = "prepare_config.json"
 PARTS_DIR = "_parts"
 TMP_DIR = ".tmp"
-SHAPE_KEY = b"lofi.shape"  # field metadata of the stored `frames`: the row's tensor shape as JSON
 # Fixed-shape numeric columns: what `iter_torch_batches` can stack into tensors.
 NUMERIC_COLUMNS = ("frames", "timestamps_sec", "frame_indices", "duration_sec", "fps", "num_snippets",
                    "chunk_index", "snippet_start", "num_valid_snippets")
@@ -123,20 +122,6 @@ def frames_shape(level: dict[str, Any]) -> list[int]:
     return [level["snippets_per_row"], level["frames_per_snippet"], level["size_px"], level["size_px"], 3]
 
 
-def _tensor(values: np.ndarray, shape: list[int], dtype: pa.DataType) -> pa.ExtensionArray:
-    """Rows of a flat buffer as a fixed-shape tensor column (no copy of contiguous values)."""
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type=dtype), int(np.prod(shape)))
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(dtype, shape), storage)
-
-
-def _binary_values(array: pa.LargeBinaryArray) -> np.ndarray:
-    """The concatenated values of a binary array, without copying them."""
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
-    if len(array) == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-
-
 def staging_to_level(rows: pa.Table, level: dict[str, Any]) -> pa.Table:
     """Staging rows of one level -> a table in that level's shard schema."""
     schema = level_schema(level)
@@ -144,11 +129,11 @@ def staging_to_level(rows: pa.Table, level: dict[str, Any]) -> pa.Table:
     n = rows.num_rows
     columns = {name: rows.column(name) for name in _META_COLUMNS + _SEGMENT_COLUMNS}
     times = np.asarray(rows.column("timestamps_sec").combine_chunks().flatten(), dtype=np.float64)
-    columns["timestamps_sec"] = _tensor(times, [tc, f], pa.float64())
+    columns["timestamps_sec"] = fixed_tensor(times, [tc, f], pa.float64())
     indices = np.asarray(rows.column("frame_indices").combine_chunks().flatten(), dtype=np.int64)
-    columns["frame_indices"] = _tensor(indices, [tc, f], pa.int64())
+    columns["frame_indices"] = fixed_tensor(indices, [tc, f], pa.int64())
     if level["storage"] == "uint8":
-        pixels = _binary_values(rows.column("frames").combine_chunks())
+        pixels = binary_values(rows.column("frames").combine_chunks())
         width = tc * f * s * s * 3
         if pixels.size != n * width:
             raise ValueError(f"level {level['name']}: frame payload of {pixels.size} bytes does not match {n} rows")
@@ -345,45 +330,6 @@ def read_level_table(out_dir: str | Path, level: str, columns: list[str] | None 
     return table if columns is None else table.select(columns)
 
 
-def with_frames_tensor(table: pa.Table, shape: list[int] | None = None) -> pa.Table:
-    """`table` with stored (fixed-size binary) `frames` as a uint8 fixed-shape tensor column, uncopied.
-
-    `shape` defaults to the field's `lofi.shape` metadata; tables without stored frames
-    (JPEG levels, frames already tensors, frames not selected) come back as they are.
-    """
-    if "frames" not in table.column_names or not pa.types.is_fixed_size_binary(table.schema.field("frames").type):
-        return table
-    field = table.schema.field("frames")
-    shape = shape or json.loads(field.metadata[SHAPE_KEY])
-    tensor_type = pa.fixed_shape_tensor(pa.uint8(), shape)
-    chunks = []
-    for chunk in table.column("frames").chunks:
-        width = chunk.type.byte_width  # a view of the chunk's data buffer: _tensor wraps it uncopied
-        pixels = np.frombuffer(chunk.buffers()[1], np.uint8, count=len(chunk) * width, offset=chunk.offset * width)
-        chunks.append(_tensor(pixels, shape, pa.uint8()))
-    column = pa.chunked_array(chunks, type=tensor_type)
-    return table.set_column(table.schema.get_field_index("frames"), pa.field("frames", tensor_type), column)
-
-
-def frames_array(table: pa.Table) -> np.ndarray:
-    """Frames (N, Tc, F, S, S, 3) uint8 of a level table (stored, tensor or JPEG frames)."""
-    if "frames" in table.column_names:
-        return with_frames_tensor(table).column("frames").combine_chunks().to_numpy_ndarray()
-    level = json.loads(table.schema.metadata[b"lofi.level"])
-    rows = [decode_jpeg_row(images, level) for images in table.column("frames_jpeg").to_pylist()]
-    shape = (0, level["snippets_per_row"], level["frames_per_snippet"], level["size_px"], level["size_px"], 3)
-    return np.stack(rows) if rows else np.zeros(shape, dtype=np.uint8)
-
-
-def decode_jpeg_row(images: list[bytes], level: dict[str, Any]) -> np.ndarray:
-    """One row's JPEG images -> (Tc, F, S, S, 3) uint8."""
-    from PIL import Image
-
-    tc, f, s = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
-    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])  # (Tc*F, S, S, 3)
-    return pixels.reshape(tc, f, s, s, 3)  # (Tc*F, S, S, 3) -> (Tc, F, S, S, 3)
-
-
 def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...] | None = NUMERIC_COLUMNS):
     """A Ray Dataset of one level for training: JPEG decoded to `frames`, `columns` selected.
 
@@ -397,7 +343,7 @@ def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...]
         raise LofiError(f"{out_dir}: level {level!r} has no rows (every video failed?); see errors in the manifest")
     if entry.storage == "jpeg":
         ds = ray.data.read_parquet(files)
-        ds = ds.map_batches(_decode_jpeg_batch, fn_kwargs={"level": entry.resolved()}, batch_format="pyarrow")
+        ds = ds.map_batches(decode_jpeg_batch, fn_kwargs={"level": entry.resolved()}, batch_format="pyarrow")
         return ds if columns is None else ds.select_columns(list(columns))
     ds = ray.data.read_parquet(files, columns=None if columns is None else list(columns))
     if columns is None or "frames" in columns:
@@ -405,12 +351,6 @@ def read_level_dataset(out_dir: str | Path, level: str, columns: tuple[str, ...]
         shape = frames_shape(entry.resolved())
         ds = ds.map_batches(with_frames_tensor, fn_kwargs={"shape": shape}, batch_format="pyarrow", batch_size=None)
     return ds
-
-
-def _decode_jpeg_batch(batch: pa.Table, level: dict[str, Any]) -> pa.Table:
-    tc, f, s = level["snippets_per_row"], level["frames_per_snippet"], level["size_px"]
-    pixels = np.stack([decode_jpeg_row(images, level) for images in batch.column("frames_jpeg").to_pylist()])
-    return batch.append_column("frames", _tensor(pixels, [tc, f, s, s, 3], pa.uint8()))
 
 
 def build_manifest(out_dir: str | Path, config: dict[str, Any], levels: list[dict[str, Any]], labels: Iterable[str],

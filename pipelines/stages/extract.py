@@ -50,8 +50,9 @@ from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.data.features import (CHUNK_COLUMNS, FEATURES_MANIFEST, META_COLUMNS, VIDEOS_PER_PART, abort_features,
                                 assemble_video, begin_features, commit_features, features_manifest, file_sha1,
-                                ray_tensor_column, write_videos)
+                                write_videos)
 from pipelines.data.manifests import FeaturesLevel, FeaturesManifest, ShardLevel, ShardManifest
+from pipelines.data.tensors import ray_tensor_column
 from pipelines.stages.provenance import checkpoint_origin
 from pipelines.storage import Location, local_file, location
 

@@ -202,15 +202,32 @@ def label_counts(source: ClipSource, subset: str, num_actions: int, num_outputs:
     return np.bincount(labels, minlength=num_outputs).tolist()
 
 
+@dataclass(frozen=True)
+class PretrainLoopConfig:
+    """What stage 1's workers need beyond the PipelineConfig; plain data across the Ray boundary."""
+
+    class_names: tuple[str, ...]
+    val_sets: dict[str, str]  # dataset name -> metric prefix
+    class_weights: tuple[float, ...] | None = None  # data.pretrain_balanced: per-class loss weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainLoopConfig":
+        weights = d.get("class_weights")
+        return cls(tuple(d["class_names"]), dict(d["val_sets"]), None if weights is None else tuple(weights))
+
+
 class PretrainLoop:
     name = STAGE
     samples = "clips"
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.names = list(config["class_names"])
+    def __init__(self, config: PretrainLoopConfig) -> None:
+        self.names = list(config.class_names)
         self.num_outputs = len(self.names)
-        self.val_sets = dict(config["val_sets"])  # dataset name -> metric prefix
-        self.weights = config.get("class_weights")
+        self.val_sets = dict(config.val_sets)
+        self.weights = None if config.class_weights is None else list(config.class_weights)
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         checkpoint = local_file(ctx.cfg.encoder.checkpoint, "encoder.checkpoint")  # a URI: a node-local copy
@@ -285,7 +302,7 @@ class PretrainLoop:
 
 
 def _loop(config: dict[str, Any]) -> None:
-    worker_loop(PretrainLoop(config), config)
+    worker_loop(PretrainLoop(PretrainLoopConfig.from_dict(config["loop"])), config)
 
 
 # The config sections this stage's output depends on: `lofi pipeline` reruns it when one changes.
@@ -316,8 +333,8 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
                                                     num_actions)
             val_sets[BACKGROUND_SET] = "val_tal_background_"
         counts = label_counts(source, cfg.data.train_subset, num_actions, len(names))
-        loop = {"class_names": names, "val_sets": val_sets,
-                "class_weights": class_weights(counts) if cfg.data.pretrain_balanced else None}
+        weights = class_weights(counts) if cfg.data.pretrain_balanced else None
+        loop = PretrainLoopConfig(tuple(names), val_sets, None if weights is None else tuple(weights))
         result = fit(cfg, STAGE, _loop, loop, datasets, tracker=tracker)  # rank 0 logs epochs live
         state = final_state(result)
         history = epoch_history(result, state)

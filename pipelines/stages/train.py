@@ -40,11 +40,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lofi.config import to_dict
@@ -54,9 +54,9 @@ from lofi.fidelity import FidelityLevel, FidelitySchedule
 from lofi.heads import build_head
 from lofi.memory_plan import saved_bytes_by_level
 from lofi.models.checkpoints import encoder_state
-from lofi.models.encoders import build_encoder
+from lofi.models.encoders import TALModel, build_encoder
 from lofi.postprocess import detection_entries
-from pipelines.data import shards
+from pipelines.data import shards, tensors
 from pipelines.data.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
                                read_video_labels, tal_batch_loss, tensor_column, video_seed)
 from pipelines.data.manifests import ShardLevel, ShardManifest
@@ -70,21 +70,6 @@ from pipelines.trainer import (StepOutput, WorkerContext, all_reduce, epoch_hist
 
 STAGE = "train"
 LOSS_KEYS = ("boundary", "iou_cls", "iou_reg", "classes", "total")
-
-
-class TALModel(nn.Module):
-    """Encoder + head end to end: frames (B, T, F, H, W, C) -> HeadOutput on the head's grid."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, head_snippets: int) -> None:
-        super().__init__()
-        self.encoder, self.head, self.head_snippets = encoder, head, head_snippets
-
-    def forward(self, frames: torch.Tensor) -> Any:
-        features = self.encoder(frames)  # (B, T, F, H, W, C) -> (B, D, T)
-        if features.shape[-1] != self.head_snippets:
-            # Both grids cover the whole video, so resampling keeps each feature at its time.
-            features = F.interpolate(features, size=self.head_snippets, mode="linear", align_corners=False)
-        return self.head(features)  # (B, D, T_head) -> HeadOutput
 
 
 # 1. inputs ---------------------------------------------------------------------------------
@@ -167,7 +152,7 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
         table = shards.read_level_table(cfg.data.shards, level)
         table = table.filter(pc.equal(table.column("subset"), subset))
         rows = add_video_index(table.select(["video_id", "duration_sec"]), index)
-        rows = rows.append_column("frames", tensor_column(shards.frames_array(table)))
+        rows = rows.append_column("frames", tensor_column(tensors.frames_array(table)))
         return table_dataset(rows.select(list(VIDEO_BATCH_COLUMNS)))
     ds = shards.read_level_dataset(cfg.data.shards, level, columns=("video_id", "subset", "duration_sec", "frames"))
     ds = ds.filter(expr=col("subset") == subset)
@@ -177,16 +162,40 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
 
 # 2. the worker loop --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    """What stage 2's workers need beyond the PipelineConfig; plain data across the Ray boundary."""
+
+    labels: dict[int, VideoLabel]  # video index (the rows' video_index) -> ground truth
+    label_names: tuple[str, ...]
+    head_snippets: int  # the head's grid T: every level's features are resampled to it
+    val_level: FidelityLevel | None  # the level validation runs at; None: no validation videos
+    activation_memory: dict[str, int]  # level name -> planned activation bytes per worker step
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainLoopConfig":
+        return cls({int(i): VideoLabel(**v) for i, v in d["labels"].items()}, tuple(d["label_names"]),
+                   int(d["head_snippets"]), FidelityLevel(**d["val_level"]) if d["val_level"] else None,
+                   {str(k): int(v) for k, v in d["activation_memory"].items()})
+
+
 class TrainLoop:
     name = STAGE
     samples = "videos"
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.labels = {int(i): VideoLabel(**v) for i, v in config["labels"].items()}
-        self.num_classes, self.head_snippets = int(config["num_classes"]), int(config["head_snippets"])
-        self.label_names = list(config["label_names"])
-        self.memory = {str(k): int(v) for k, v in config.get("activation_memory", {}).items()}
-        self.val_level = FidelityLevel(**config["val_level"]) if config["val_level"] else None
+    def __init__(self, config: TrainLoopConfig) -> None:
+        self.labels = dict(config.labels)
+        self.num_classes, self.head_snippets = config.num_classes, config.head_snippets
+        self.label_names = list(config.label_names)
+        self.memory = dict(config.activation_memory)
+        self.val_level = config.val_level
         self.schedule: FidelitySchedule | None = None
         self.epoch_level: FidelityLevel | None = None
 
@@ -290,12 +299,23 @@ class TrainLoop:
 
 
 def _loop(config: dict[str, Any]) -> None:
-    worker_loop(TrainLoop(config), config)
+    worker_loop(TrainLoop(TrainLoopConfig.from_dict(config["loop"])), config)
 
 
 # 3. the stage --------------------------------------------------------------------------------
 
-def _plan(cfg: PipelineConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the driver derives before training: the shards' manifest, the schedule's levels, the
+    video index the rows carry, and the workers' loop config."""
+
+    manifest: ShardManifest
+    levels: tuple[FidelityLevel, ...]
+    index: dict[str, int]  # video id -> video index
+    loop: TrainLoopConfig
+
+
+def _plan(cfg: PipelineConfig) -> TrainPlan:
     """Everything the driver checks and derives before training; all problems at once."""
     manifest, problems = check_levels(cfg)
     levels = FidelitySchedule(cfg.fidelity).levels()
@@ -321,21 +341,18 @@ def _plan(cfg: PipelineConfig) -> dict[str, Any]:
     memory = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, len(manifest.labels),
                                   cfg.train.per_worker_batch(cfg.scaling.num_workers),
                                   head_snippets=val_level.num_snippets)
-    return {"manifest": manifest, "levels": levels, "index": index, "val_level": val_level if has_val else None,
-            "memory": memory,
-            "loop": {"activation_memory": memory, "labels": {i: dataclasses.asdict(v) for i, v in by_index.items()},
-                     "num_classes": len(manifest.labels), "label_names": list(manifest.labels),
-                     "head_snippets": val_level.num_snippets,
-                     "val_level": dataclasses.asdict(val_level) if has_val else None}}
+    return TrainPlan(manifest, tuple(levels), index, TrainLoopConfig(
+        dict(by_index), tuple(manifest.labels), val_level.num_snippets, val_level if has_val else None,
+        {name: int(v) for name, v in memory.items()}))
 
 
-def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+def output_files(cfg: PipelineConfig, state: dict[str, Any], plan: TrainPlan) -> dict[str, tuple[str, bytes]]:
     """encoder.pt, model.pt, model.json and encoder_origin.json of the final state, as {name: (file name, bytes)}."""
     model = state["model"]
     model_config = {
         "encoder": to_dict(dataclasses.replace(cfg.encoder, checkpoint=None)), "head": to_dict(cfg.head),
-        "head_snippets": plan["loop"]["head_snippets"], "num_classes": plan["loop"]["num_classes"],
-        "labels": list(plan["manifest"].labels), "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
+        "head_snippets": plan.loop.head_snippets, "num_classes": plan.loop.num_classes,
+        "labels": list(plan.manifest.labels), "fidelity": to_dict(cfg.fidelity), "epochs": state["epoch"] + 1,
     }
     return {"encoder": ("encoder.pt", torch_bytes(encoder_state(model))), "model": ("model.pt", torch_bytes(model)),
             "model_config": ("model.json", json.dumps(model_config, indent=1).encode()),
@@ -362,15 +379,15 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None, callbacks: tuple[
     `callbacks`: Ray Train callbacks (a sweep trial passes Tune's TuneReportCallback)."""
     start = time.perf_counter()
     plan = _plan(cfg)
-    levels, loop = plan["levels"], plan["loop"]
-    memory = max(plan["memory"].values())
+    levels, loop = plan.levels, plan.loop
+    memory = max(loop.activation_memory.values())
     connect_ray(cfg.ray)
     with stage_tracker(cfg, STAGE, parent_run_id) as tracker:
         tracker.log_config(cfg)
-        datasets = {f"train/{lv.name}": video_dataset(cfg, shard_level(plan["manifest"], lv), cfg.data.train_subset,
-                                                      plan["index"]) for lv in levels}
-        if plan["val_level"] is not None:
-            datasets["val"] = video_dataset(cfg, plan["val_level"].name, cfg.data.val_subset, plan["index"])
+        datasets = {f"train/{lv.name}": video_dataset(cfg, shard_level(plan.manifest, lv), cfg.data.train_subset,
+                                                      plan.index) for lv in levels}
+        if loop.val_level is not None:
+            datasets["val"] = video_dataset(cfg, loop.val_level.name, cfg.data.val_subset, plan.index)
         result = fit(cfg, STAGE, _loop, loop, datasets, callbacks=callbacks, tracker=tracker)  # rank 0 logs epochs live
         state = final_state(result)
         history = epoch_history(result, state)

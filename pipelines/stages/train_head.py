@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -83,15 +84,40 @@ def feature_rows(cfg: PipelineConfig, manifest: FeaturesManifest, subset: str, i
     return ds.select_columns(list(FEATURE_COLUMNS))
 
 
+@dataclass(frozen=True)
+class HeadLoopConfig:
+    """What stage 3's workers need beyond the PipelineConfig; plain data across the Ray boundary.
+    On fixed-stride features `labels` are the windows' (keyed by window index) and `videos` and
+    `windows` hold the validation videos and windows; on grid features both are empty."""
+
+    labels: dict[int, VideoLabel]
+    class_names: tuple[str, ...]
+    num_snippets: int  # the head's T: the grid's, or data.window_snippets
+    feature_dim: int
+    has_val: bool
+    windowed: bool = False  # fixed-stride features: the rows are windows
+    videos: tuple[VideoLabel, ...] = ()
+    windows: dict[int, Window] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeadLoopConfig":
+        return cls({int(i): VideoLabel(**v) for i, v in d["labels"].items()}, tuple(d["class_names"]),
+                   int(d["num_snippets"]), int(d["feature_dim"]), bool(d["has_val"]), bool(d["windowed"]),
+                   tuple(VideoLabel(**v) for v in d["videos"]), {int(i): Window(**w) for i, w in d["windows"].items()})
+
+
 class HeadLoop:
     name = STAGE
     samples = "videos"
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.labels = {int(i): VideoLabel(**v) for i, v in config["labels"].items()}
-        self.class_names = list(config["class_names"])
-        self.num_snippets, self.feature_dim = int(config["num_snippets"]), int(config["feature_dim"])
-        self.has_val = bool(config["has_val"])
+    def __init__(self, config: HeadLoopConfig) -> None:
+        self.labels = dict(config.labels)
+        self.class_names = list(config.class_names)
+        self.num_snippets, self.feature_dim = config.num_snippets, config.feature_dim
+        self.has_val = config.has_val
 
     def build_model(self, ctx: WorkerContext) -> nn.Module:
         return build_head(ctx.cfg.head, self.feature_dim, self.num_snippets, len(self.class_names))
@@ -183,10 +209,10 @@ class WindowHeadLoop(HeadLoop):
     index, which the rows carry as video_index), so training and the validation loss are
     HeadLoop's; validation detections are merged per video and scored against the videos'."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: HeadLoopConfig) -> None:
         super().__init__(config)
-        self.videos = [VideoLabel(**v) for v in config["videos"]]
-        self.windows = {int(i): Window(**w) for i, w in config["windows"].items()}
+        self.videos = list(config.videos)
+        self.windows = dict(config.windows)
 
     def _detections(self, ctx: WorkerContext, out: Any, indices: list[int]) -> list[tuple]:
         decoded = decode_detections(out, [self.labels[i].duration_sec for i in indices], ctx.cfg.head.top_k_classes)
@@ -211,7 +237,8 @@ def _gather(rows: list[tuple]) -> list[tuple]:
 
 
 def _loop(config: dict[str, Any]) -> None:
-    worker_loop(WindowHeadLoop(config) if "windows" in config else HeadLoop(config), config)
+    loop = HeadLoopConfig.from_dict(config["loop"])
+    worker_loop(WindowHeadLoop(loop) if loop.windowed else HeadLoop(loop), config)
 
 
 def window_rows(cfg: PipelineConfig, manifest: FeaturesManifest, subset: str,
@@ -229,12 +256,11 @@ def window_rows(cfg: PipelineConfig, manifest: FeaturesManifest, subset: str,
 
 
 def plan_stage(cfg: PipelineConfig, manifest: FeaturesManifest, by_index: dict[int, VideoLabel],
-               has_val: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+               has_val: bool) -> tuple[HeadLoopConfig, dict[str, Any]]:
     """(loop config, dataset plan) of stage 3: whole videos on a grid, or windows of fixed-stride
     features. The plan maps dataset names to the windows (video_id -> [(window index, start)]) to cut,
     or to None for whole-video rows."""
-    loop = {"labels": {i: dataclasses.asdict(v) for i, v in by_index.items()}, "class_names": list(manifest.labels),
-            "num_snippets": manifest.num_snippets, "feature_dim": manifest.feature_dim, "has_val": has_val}
+    loop = HeadLoopConfig(dict(by_index), tuple(manifest.labels), manifest.num_snippets, manifest.feature_dim, has_val)
     subsets = {"train": cfg.data.train_subset} | ({"val": cfg.data.val_subset} if has_val else {})
     if not uses_windows(manifest):
         return loop, {name: None for name in subsets}
@@ -249,9 +275,10 @@ def plan_stage(cfg: PipelineConfig, manifest: FeaturesManifest, by_index: dict[i
                         f"truth and a data.window_empty_fraction={cfg.data.window_empty_fraction} of the others), "
                         f"fewer than train_head.batch_size={cfg.train_head.batch_size}; lower it")
     used = set(chosen["train"]) | set(chosen.get("val", []))
-    loop |= {"labels": {i: dataclasses.asdict(labels[i]) for i in sorted(used)}, "num_snippets": width,
-             "videos": [dataclasses.asdict(v) for v in by_index.values() if v.subset == cfg.data.val_subset],
-             "windows": {i: dataclasses.asdict(windows[i]) for i in chosen.get("val", [])}}
+    loop = dataclasses.replace(
+        loop, labels={i: labels[i] for i in sorted(used)}, num_snippets=width, windowed=True,
+        videos=tuple(v for v in by_index.values() if v.subset == cfg.data.val_subset),
+        windows={i: windows[i] for i in chosen.get("val", [])})
     return loop, {name: windows_by_video(windows, chosen[name]) for name in subsets}
 
 
@@ -286,7 +313,7 @@ def run(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
         state = final_state(result)
         history = epoch_history(result, state)
         log_training(tracker, history)
-        model_config = {"head": to_dict(cfg.head), "num_snippets": loop["num_snippets"],
+        model_config = {"head": to_dict(cfg.head), "num_snippets": loop.num_snippets,
                         "feature_dim": manifest.feature_dim, "num_classes": len(manifest.labels),
                         "labels": list(manifest.labels), "features": str(cfg.run.features()),
                         "windows": windows_record(cfg, manifest, plan)}

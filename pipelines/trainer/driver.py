@@ -65,9 +65,13 @@ def table_dataset(table: Any) -> Any:
     return ray.data.from_arrow(table)
 
 
-def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: Any,
         datasets: dict[str, Any], callbacks: Sequence[Any] = (), tracker: Any = None) -> Any:
     """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result.
+
+    `loop_config`: the stage's typed loop config (a dataclass with to_dict/from_dict); it crosses
+    to the workers as plain data under the key "loop" (WorkerContext.loop rebuilds nothing: each
+    stage's loop calls its own from_dict).
 
     `callbacks`: Ray Train callbacks, e.g. a Tune trial's TuneReportCallback (tuning/), which
     forwards every epoch's report to Tune. `tracker`: the stage's Tracker; each epoch's metrics
@@ -83,7 +87,7 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
     cfg.run.location().check_bucket()  # a missing bucket or unreachable store: one clear line, before any worker
     live = _live_run(tracker)
     config = {"cfg": to_dict(cfg), "section": stage, "pause": os.environ.get(PAUSE_ENV, ""), "mlflow": live,
-              **loop_config}
+              "loop": loop_config.to_dict()}
     trainer = TorchTrainer(
         loop, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(list(datasets)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,

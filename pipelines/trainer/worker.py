@@ -31,7 +31,7 @@ class WorkerContext:
     rank: int
     world_size: int
     device: torch.device
-    config: dict[str, Any]  # the loop config: stage-specific plain data from the driver
+    config: dict[str, Any]  # the harness's plain data from the driver; config["loop"]: the stage's loop config
     # rows this worker took from each dataset since the epoch began (`batches`): what was read, not what was
     # trained on; the harness reports the training datasets' counts as rows_read_<name>
     rows_read: dict[str, int] = field(default_factory=dict)

@@ -133,7 +133,7 @@ def s3_prepared(ray_cluster, s3_server, tiny_tal_videos, tmp_path_factory) -> st
 @pytest.mark.ray
 @pytest.mark.slow
 def test_prepare_and_train_on_s3_then_resume_from_the_bucket(s3_prepared):
-    from pipelines.data import shards
+    from pipelines.data import shards, tensors
     from lofi_cli.commands import main
 
     root = s3_prepared
@@ -147,7 +147,7 @@ def test_prepare_and_train_on_s3_then_resume_from_the_bucket(s3_prepared):
     assert len([key for key in prepared if key.startswith("_parts/")]) == 2  # 6 videos, 3 per part
     assert not any(key.startswith(".tmp") for key in prepared)
     table = shards.read_level_table(f"{root}/prepared", "full")  # plain pyarrow through pyarrow.fs
-    assert table.num_rows == 6 and shards.frames_array(table).shape == (6, 8, 2, 32, 32, 3)
+    assert table.num_rows == 6 and tensors.frames_array(table).shape == (6, 8, 2, 32, 32, 3)
     rows = shards.read_level_dataset(f"{root}/prepared", "t_lofi", columns=("video_id", "frames")).take_all()  # Ray Data
     assert sorted(row["video_id"] for row in rows) == table.column("video_id").to_pylist()
     assert rows[0]["frames"].shape == (4, 2, 32, 32, 3)

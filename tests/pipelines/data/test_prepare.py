@@ -21,7 +21,8 @@ from lofi.config import from_dict
 from lofi.errors import LofiError
 from lofi_cli.commands import main as lofi_main
 from pipelines.data.prepare import PrepareConfig, run
-from pipelines.data.shards import committed_parts, frames_array, read_level_dataset, read_level_table
+from pipelines.data.shards import committed_parts, read_level_dataset, read_level_table
+from pipelines.data.tensors import frames_array
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[3]
@@ -148,7 +149,7 @@ def test_ray_dataset_reader_feeds_torch(prepared):
 
 def test_shards_read_with_plain_pyarrow_without_ray(prepared):
     cfg, _ = prepared
-    code = ("import sys; from pipelines.data.shards import read_level_table, frames_array; "
+    code = ("import sys; from pipelines.data.shards import read_level_table; from pipelines.data.tensors import frames_array; "
             f"t = read_level_table({cfg.output!r}, 'hi'); f = frames_array(t); "
             "assert f.shape == (6, 8, 2, 48, 48, 3), f.shape; "
             "assert 'ray' not in sys.modules, 'ray was imported'; print('ok')")

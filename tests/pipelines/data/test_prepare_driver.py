@@ -12,7 +12,7 @@ import pytest
 from lofi.annotations import Segment, Video
 from lofi.config import from_dict
 from lofi.errors import LofiError
-from pipelines.data import shards
+from pipelines.data import shards, tensors
 from pipelines.data.prepare import PrepareConfig, build_items, list_video_files, prepare_output, previous_errors
 from pipelines.data.prepare_tasks import _TaskErrors, committed_ids, forget_failures
 
@@ -96,7 +96,7 @@ def test_part_writer_output_reads_back_as_tensors(tmp_path):
     assert manifest.counts.videos_ok == 1 and manifest.counts.videos_failed == 1
     assert manifest.levels[0].shards == (rec["levels"]["lo"]["file"],)
     table = shards.read_level_table(tmp_path, "lo")
-    frames = shards.frames_array(table)
+    frames = tensors.frames_array(table)
     assert frames.shape == (1, 2, 1, 2, 2, 3) and frames.ravel().tolist() == list(range(24))
     assert table.column("frame_indices").combine_chunks().to_numpy_ndarray().tolist() == [[[0], [1]]]
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lofi.errors import LofiError
-from pipelines.data import shards
+from pipelines.data import shards, tensors
 from pipelines.data.decode import staging_table
 
 # 3 snippets, 2 per row: two rows per video, the last one half padding
@@ -80,9 +80,9 @@ def test_read_level_table_gives_tensor_frames_and_frames_array_the_input(written
     table = shards.read_level_table(out, "lo")
     assert str(table.schema.field("frames").type).startswith("extension<arrow.fixed_shape_tensor")
     assert table.column("video_id").to_pylist() == ["a", "a", "b", "b"]
-    assert np.array_equal(shards.frames_array(table), expected(frames))
+    assert np.array_equal(tensors.frames_array(table), expected(frames))
     only = shards.read_level_table(out, "lo", ["frames"])  # frames alone, still sorted by video and chunk
-    assert only.column_names == ["frames"] and np.array_equal(shards.frames_array(only), expected(frames))
+    assert only.column_names == ["frames"] and np.array_equal(tensors.frames_array(only), expected(frames))
 
 
 @pytest.mark.ray

@@ -23,7 +23,8 @@ from pipelines.stages.extract import run
 from pipelines.data.features import (FEATURES_MANIFEST, SUMMARY_COLUMNS, features_array, read_features,
                                 read_features_manifest, video_features)
 from pipelines.data.prepare import PrepareConfig, run as prepare
-from pipelines.data.shards import frames_array, read_level_table
+from pipelines.data.shards import read_level_table
+from pipelines.data.tensors import frames_array
 
 pytestmark = pytest.mark.ray
 WIDTH = 8
@@ -196,7 +197,8 @@ def test_chunks_assemble_to_the_unchunked_features_with_more_actors_than_cpus(wh
 
 
 def test_a_videos_chunks_assemble_by_snippet_start_in_whatever_order_they_arrive():
-    from pipelines.data.features import assemble_video, ray_tensor_column, tensor_numpy
+    from pipelines.data.features import assemble_video
+    from pipelines.data.tensors import ray_tensor_column, tensor_numpy
 
     chunks = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 3 chunks of Tc=4 snippets, D=2
     arrival = [2, 0, 1]  # T=10: the last chunk holds 2 real snippets and 2 of padding

@@ -161,7 +161,7 @@ def test_activation_memory_matches_a_direct_measurement_of_the_training_step():
     from lofi.models.encoders import EncoderConfig, build_encoder
     from pipelines.config import PipelineConfig
     from lofi.memory_plan import saved_bytes_by_level
-    from pipelines.stages.train import TALModel
+    from lofi.models.encoders import TALModel
 
     cfg = PipelineConfig(encoder=EncoderConfig(width=8, freeze_bn=True),
                          head=HeadConfig(name="bmn", hidden=16, num_sample=4))
@@ -217,7 +217,7 @@ def test_train_batches_follow_the_fidelity_schedule(cycle):
 def test_stage2_resampling_keeps_snippet_centres_aligned():
     """A level with T=16 resampled to the head's T=32: a feature equal to its snippet's centre time
     must land on the centre time of the head's snippet (both grids cover the whole video)."""
-    from pipelines.stages.train import TALModel
+    from lofi.models.encoders import TALModel
 
     duration = 37.3
     def centres(t: int) -> torch.Tensor:
