@@ -9,7 +9,7 @@ are cut into windows of `data.window_snippets` snippets, which the head's grid i
 and which stand in for the videos in training and in the validation loss; the validation mAP
 scores each video's window detections merged back into video time (pipelines/data/feature_windows.py).
 
-Trained by the shared harness (pipelines/trainer.py) with the `train_head` section (AdamW,
+Trained by the shared harness (pipelines/trainer/) with the `train_head` section (AdamW,
 lr 1e-3 by default); the loss of a batch is the mean of per-video head losses. Each epoch
 reports the validation loss and the validation detection mAP: decoded detections
 (`lofi.heads.common.decode_detections`) -> class-aware Soft-NMS (`lofi.postprocess.soft_nms`,
