@@ -195,10 +195,10 @@ class _FakeContext:
 def test_train_batches_follow_the_fidelity_schedule(cycle):
     from lofi.fidelity import FidelitySchedule, FidelityScheduleConfig
     from pipelines.config import PipelineConfig
-    from pipelines.stages.train import TrainLoop
+    from pipelines.stages.train import TrainLoop, TrainLoopConfig
 
     cfg = PipelineConfig(fidelity=FidelityScheduleConfig(kind="c_lofi", cycle=cycle, every_batches=2))
-    loop = TrainLoop({"labels": {}, "num_classes": 1, "label_names": ["a"], "head_snippets": 8, "val_level": None})
+    loop = TrainLoop(TrainLoopConfig({}, ("a",), 8, None, {}))
     loop.schedule = FidelitySchedule(cfg.fidelity)
     ctx = _FakeContext(cfg)
     got = [(level.name, batch) for level, batch in loop.epoch_batches(ctx, epoch=1, global_batch=7)]
