@@ -182,7 +182,7 @@ def test_the_killed_sweep_resumed_its_interrupted_trial_and_wrote_a_best_config_
     assert checkpoints == ["epoch-0001", "epoch-0002"]
     best = load_config(PipelineConfig, tmp / "sweeps" / "tiny" / "best_config.yaml")
     assert best.fidelity.kind == "s_lofi" and best.train.lr == GOOD_LR and best.run.name == "tiny-best"
-    assert _plan(best)["levels"][0].size_px == 16  # its shards and levels are there: `lofi train` starts from it
+    assert _plan(best).levels[0].size_px == 16  # its shards and levels are there: `lofi train` starts from it
 
 
 def test_a_finished_sweep_leaves_every_cpu_free_for_the_next_job(swept, ray_cluster):
