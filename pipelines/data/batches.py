@@ -98,15 +98,6 @@ def add_video_index(batch: pa.Table, index: Mapping[str, int]) -> pa.Table:
     return batch.append_column(VIDEO_INDEX, pa.array([index[v] for v in ids], type=pa.int64()))
 
 
-def tensor_column(array: np.ndarray) -> pa.Array:
-    """A numpy array (N, ...) as an Arrow fixed-shape tensor column (also when N is 0)."""
-    if len(array):
-        return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
-    dtype = pa.from_numpy_dtype(array.dtype)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array([], type=dtype), int(np.prod(array.shape[1:])))
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(dtype, list(array.shape[1:])), storage)
-
-
 def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """A level table as the numpy batch Ray Data's map_batches would pass (frames decoded)."""
     from pipelines.data.tensors import frames_array

@@ -21,6 +21,12 @@ def fixed_tensor(values: np.ndarray, shape: list[int], dtype: pa.DataType) -> pa
     return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(dtype, shape), storage)
 
 
+def tensor_column(array: np.ndarray) -> pa.ExtensionArray:
+    """A numpy array (N, ...) as an Arrow fixed-shape tensor column (also when N is 0)."""
+    array = np.ascontiguousarray(array)
+    return fixed_tensor(array, list(array.shape[1:]), pa.from_numpy_dtype(array.dtype))
+
+
 def binary_values(array: pa.LargeBinaryArray) -> np.ndarray:
     """The concatenated values of a binary array, without copying them."""
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]

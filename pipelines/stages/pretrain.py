@@ -60,8 +60,8 @@ from lofi.errors import LofiError
 from lofi.models.checkpoints import encoder_state
 from lofi.models.encoders import ClipClassifier, build_encoder
 from pipelines.data import shards
-from pipelines.data.batches import (CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, snippet_labels,
-                               tensor_column)
+from pipelines.data.batches import CLIP_COLUMNS, numpy_batch, read_video_labels, snippet_clips, snippet_labels
+from pipelines.data.tensors import tensor_column
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
 from pipelines.stages.provenance import origin_file

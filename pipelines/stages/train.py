@@ -58,7 +58,7 @@ from lofi.models.encoders import TALModel, build_encoder
 from lofi.postprocess import detection_entries
 from pipelines.data import shards, tensors
 from pipelines.data.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
-                               read_video_labels, tal_batch_loss, tensor_column, video_seed)
+                               read_video_labels, tal_batch_loss, video_seed)
 from pipelines.data.manifests import ShardLevel, ShardManifest
 from pipelines.cluster import connect_ray
 from pipelines.config import PipelineConfig, StageResult
@@ -152,7 +152,7 @@ def video_dataset(cfg: PipelineConfig, level: str, subset: str, index: dict[str,
         table = shards.read_level_table(cfg.data.shards, level)
         table = table.filter(pc.equal(table.column("subset"), subset))
         rows = add_video_index(table.select(["video_id", "duration_sec"]), index)
-        rows = rows.append_column("frames", tensor_column(tensors.frames_array(table)))
+        rows = rows.append_column("frames", tensors.tensor_column(tensors.frames_array(table)))
         return table_dataset(rows.select(list(VIDEO_BATCH_COLUMNS)))
     ds = shards.read_level_dataset(cfg.data.shards, level, columns=("video_id", "subset", "duration_sec", "frames"))
     ds = ds.filter(expr=col("subset") == subset)

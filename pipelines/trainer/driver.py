@@ -70,8 +70,7 @@ def fit(cfg: PipelineConfig, stage: str, loop: Callable[[dict[str, Any]], None],
     """Run `loop` on cfg.scaling workers with Ray Train V2; returns the ray.train.Result.
 
     `loop_config`: the stage's typed loop config (a dataclass with to_dict/from_dict); it crosses
-    to the workers as plain data under the key "loop" (WorkerContext.loop rebuilds nothing: each
-    stage's loop calls its own from_dict).
+    to the workers as plain data under the key "loop", where the stage's `loop` rebuilds it.
 
     `callbacks`: Ray Train callbacks, e.g. a Tune trial's TuneReportCallback (tuning/), which
     forwards every epoch's report to Tune. `tracker`: the stage's Tracker; each epoch's metrics
