@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from lofi.config import ConfigError
 from lofi.models.checkpoints import FORMATS, LoadedCheckpoint, load_backbone_checkpoint
-from lofi.models.resnet import CHECKPOINTABLE, STAGES, ResNet, tsm_resnet18, tsm_resnet34, tsm_resnet50
+from lofi.models.resnet import (CHECKPOINTABLE, OUTPUT_STRIDES, STAGES, ResNet, final_map_side, tsm_resnet18,
+                                tsm_resnet34, tsm_resnet50)
 
 ENCODERS = {"tsm_resnet18": tsm_resnet18, "tsm_resnet34": tsm_resnet34, "tsm_resnet50": tsm_resnet50}
 
@@ -57,6 +58,7 @@ class EncoderConfig:
     freeze_bn: bool = False
     frozen_stages: int = 0  # 0 = none, 1 = stem, 2 = stem+layer1, ...
     amp_dtype: Literal["none", "bf16", "fp16"] = "none"
+    output_stride: int = 32  # 16 or 8 for small frames: the last stages keep stride 1 (lofi.models.resnet)
 
     def __post_init__(self) -> None:
         if self.name not in ENCODERS:
@@ -73,6 +75,8 @@ class EncoderConfig:
             raise ValueError(f"frozen_stages: must be 0..{len(STAGES) + 1}, got {self.frozen_stages}")
         if self.checkpoint_format not in FORMATS:
             raise ValueError(f"checkpoint_format: {self.checkpoint_format!r} is not one of {list(FORMATS)}")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride: {self.output_stride} is not one of {list(OUTPUT_STRIDES)}")
         if self.amp_dtype not in ("none", *_AMP_DTYPES):
             raise ValueError(f"amp_dtype: {self.amp_dtype!r} is not one of ['none', 'bf16', 'fp16']")
 
@@ -166,9 +170,23 @@ class VideoEncoder(nn.Module):
         return feats.view(b, t, -1).transpose(1, 2).contiguous()  # (B*T, D) -> (B, T, D) -> (B, D, T)
 
 
+def collapsed_levels(cfg: EncoderConfig, level_sizes: dict[str, int], full_px: int) -> list[str]:
+    """Warnings for the levels whose frames leave the encoder's last stage a 1x1 map where the full
+    level's is larger: the network trained there meets mostly zero padding (lofi.models.resnet), so
+    what it learns does not carry to the full-size frames features are extracted at."""
+    full_side = final_map_side(full_px, cfg.output_stride)
+    if full_side < 2:
+        return []
+    return [f"level {name!r} at {size} px leaves {cfg.name}'s last stage a 1x1 map (the full level's "
+            f"{full_px} px: {full_side}x{full_side}); set encoder.output_stride={cfg.output_stride // 2} "
+            f"(or a larger frame size) so training there learns what carries to full size"
+            for name, size in level_sizes.items()
+            if final_map_side(size, cfg.output_stride) == 1 and cfg.output_stride > min(OUTPUT_STRIDES)]
+
+
 def build_encoder(cfg: EncoderConfig) -> VideoEncoder:
     """The encoder a config describes, with its checkpoint loaded (strictly) if it names one."""
-    backbone = ENCODERS[cfg.name](width=cfg.width, shift_div=cfg.shift_div)
+    backbone = ENCODERS[cfg.name](width=cfg.width, shift_div=cfg.shift_div, output_stride=cfg.output_stride)
     info = load_backbone_checkpoint(backbone, cfg.checkpoint, cfg.checkpoint_format) if cfg.checkpoint else None
     backbone.checkpoint_stages = tuple(cfg.activation_checkpointing)
     encoder = VideoEncoder(backbone, cfg.amp_dtype, cfg.freeze_bn, cfg.frozen_stages)

@@ -5,6 +5,13 @@ Parameter names are torchvision's (conv1, bn1, layer1..layer4 with
 state dicts load without renaming. `width` scales every stage (64 is the standard network;
 tests use 8 or 16). Bottleneck puts the stride on the 3x3 conv (torchvision's "v1.5").
 
+`output_stride` (32, 16 or 8) is the side of the input one cell of the last stage's map covers:
+16 gives layer4 stride 1, 8 layer3 and layer4. Small frames need it: at 32 px the standard
+network's layer4 sees a 1x1 map, where its 3x3 convs see zero padding in 8 of their 9 taps, so a
+network trained there learns other features than at twice the side (2x2). No dilation replaces
+the stride: at maps of 2-4 cells a dilated tap lands in the padding. The parameters are the same
+at every output stride, so checkpoints load across them.
+
 Blocks take the number of frames per clip as an argument (the shift needs it), so stages
 are iterated here rather than called as nn.Sequential; the containers stay nn.Sequential
 only for the names.
@@ -23,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from lofi.models.tsm import temporal_shift
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+OUTPUT_STRIDES = (32, 16, 8)
+STEM_STRIDE = 4  # conv1 (stride 2) and the max pool (stride 2)
 # What activation checkpointing can name: the stem (conv1, bn1, relu, maxpool) and the stages.
 CHECKPOINTABLE = ("stem",) + STAGES
 
@@ -120,9 +129,13 @@ class ResNet(nn.Module):
         width: int = 64,
         shift_div: int = 8,
         num_classes: int | None = None,
+        output_stride: int = 32,
     ):
         super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride: {output_stride} is not one of {list(OUTPUT_STRIDES)}")
         self.shift_div = shift_div
+        self.output_stride = output_stride
         # Stages run under torch.utils.checkpoint (set by build_encoder from the config).
         self.checkpoint_stages: tuple[str, ...] = ()
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -130,9 +143,9 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_ch = width
-        for i, (name, num_blocks) in enumerate(zip(STAGES, layers)):
+        for i, (name, num_blocks, stride) in enumerate(zip(STAGES, layers, stage_strides(output_stride))):
             planes = width * 2**i
-            setattr(self, name, self._make_stage(block, in_ch, planes, num_blocks, 1 if i == 0 else 2))
+            setattr(self, name, self._make_stage(block, in_ch, planes, num_blocks, stride))
             in_ch = planes * block.expansion
         self.feature_dim = in_ch
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -191,13 +204,34 @@ class ResNet(nn.Module):
         return features if self.fc is None else self.fc(features)
 
 
-def tsm_resnet18(width: int = 64, shift_div: int = 8, num_classes: int | None = None) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), width, shift_div, num_classes)
+def stage_strides(output_stride: int = 32) -> tuple[int, ...]:
+    """Strides of layer1..layer4: 1, 2, 2, 2 at output stride 32; the last ones 1 below it."""
+    strides, total = [], STEM_STRIDE
+    for i in range(len(STAGES)):
+        stride = 1 if i == 0 or total * 2 > output_stride else 2
+        total *= stride
+        strides.append(stride)
+    return tuple(strides)
 
 
-def tsm_resnet34(width: int = 64, shift_div: int = 8, num_classes: int | None = None) -> ResNet:
-    return ResNet(BasicBlock, (3, 4, 6, 3), width, shift_div, num_classes)
+def final_map_side(size_px: int, output_stride: int = 32) -> int:
+    """Side of the last stage's map for square frames of `size_px` (every stride-2 layer pads: ceil)."""
+    side = size_px
+    for stride in (2, 2, *stage_strides(output_stride)):  # conv1, max pool, the stages
+        side = -(-side // stride)
+    return side
 
 
-def tsm_resnet50(width: int = 64, shift_div: int = 8, num_classes: int | None = None) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), width, shift_div, num_classes)
+def tsm_resnet18(width: int = 64, shift_div: int = 8, num_classes: int | None = None,
+                 output_stride: int = 32) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), width, shift_div, num_classes, output_stride)
+
+
+def tsm_resnet34(width: int = 64, shift_div: int = 8, num_classes: int | None = None,
+                 output_stride: int = 32) -> ResNet:
+    return ResNet(BasicBlock, (3, 4, 6, 3), width, shift_div, num_classes, output_stride)
+
+
+def tsm_resnet50(width: int = 64, shift_div: int = 8, num_classes: int | None = None,
+                 output_stride: int = 32) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), width, shift_div, num_classes, output_stride)

@@ -54,7 +54,7 @@ from lofi.fidelity import FidelityLevel, FidelitySchedule
 from lofi.heads import build_head
 from lofi.memory_plan import saved_bytes_by_level
 from lofi.models.checkpoints import encoder_state
-from lofi.models.encoders import TALModel, build_encoder
+from lofi.models.encoders import TALModel, build_encoder, collapsed_levels
 from lofi.postprocess import detection_entries
 from pipelines.data import shards, tensors
 from pipelines.data.batches import (VIDEO_BATCH_COLUMNS, VideoLabel, add_video_index, batch_targets, index_videos,
@@ -338,6 +338,8 @@ def _plan(cfg: PipelineConfig) -> TrainPlan:
     index, by_index = index_videos(labels)
     has_val = any(v.subset == cfg.data.val_subset for v in labels.values())
     val_level = eval_level(cfg, manifest, levels)
+    for line in collapsed_levels(cfg.encoder, {lv.name: lv.size_px for lv in levels}, val_level.size_px):
+        print(f"lofi train: warning: {line}", flush=True)
     memory = saved_bytes_by_level(cfg.stage2_encoder(), cfg.head, levels, len(manifest.labels),
                                   cfg.train.per_worker_batch(cfg.scaling.num_workers),
                                   head_snippets=val_level.num_snippets)

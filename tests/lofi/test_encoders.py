@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lofi.models import ENCODERS, ClipClassifier, EncoderConfig, build_encoder, normalize_frames, temporal_shift
+from lofi.models.encoders import collapsed_levels
 from lofi.models.resnet import tsm_resnet18, tsm_resnet34, tsm_resnet50
 
 # Feature dim by hand: last stage has 8 * width channels, times 4 for the bottleneck.
@@ -167,3 +168,40 @@ def test_state_dict_names_are_torchvision_names():
     ]
     assert r50["layer1.0.downsample.0.weight"].shape == (32, 8, 1, 1)
     assert r50["layer4.2.conv3.weight"].shape == (256, 64, 1, 1) and r50["fc.weight"].shape == (10, 256)
+
+
+def _last_map_side(net: torch.nn.Module, size_px: int) -> int:
+    """The last stage's map, measured by running the stages (not from the strides)."""
+    sides = []
+    net.layer4[-1].register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+    with torch.no_grad():
+        net.forward_features(torch.zeros(4, 3, size_px, size_px), num_frames=4)
+    return sides[0]
+
+
+# By hand: the stem divides by 4 (ceil), each stride-2 stage by 2 (ceil); 45 px -> 23 -> 12 -> ...
+@pytest.mark.parametrize("output_stride,size_px,side", [
+    (32, 64, 2), (32, 45, 2), (32, 32, 1), (16, 64, 4), (16, 45, 3), (16, 32, 2), (8, 32, 4),
+])
+def test_output_stride_sets_the_last_map(output_stride: int, size_px: int, side: int):
+    net = tsm_resnet18(width=TINY_WIDTH, output_stride=output_stride).eval()
+    assert _last_map_side(net, size_px) == side
+
+
+def test_output_stride_keeps_the_parameters_so_checkpoints_load_across_it():
+    standard = tsm_resnet18(width=TINY_WIDTH)
+    small_frames = tsm_resnet18(width=TINY_WIDTH, output_stride=16)
+    assert {k: v.shape for k, v in standard.state_dict().items()} == \
+        {k: v.shape for k, v in small_frames.state_dict().items()}
+    small_frames.load_state_dict(standard.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="output_stride: 12"):
+        EncoderConfig(output_stride=12)
+
+
+def test_levels_whose_last_map_collapses_are_named():
+    sizes = {"s_lofi": 32, "st_lofi": 45, "full": 64}
+    warned = collapsed_levels(EncoderConfig(), sizes, full_px=64)
+    assert len(warned) == 1 and "'s_lofi' at 32 px" in warned[0] and "output_stride=16" in warned[0]
+    assert collapsed_levels(EncoderConfig(output_stride=16), sizes, full_px=64) == []
+    # Frames so small that the full level's map is 1x1 too: training and extraction see the same map.
+    assert collapsed_levels(EncoderConfig(), {"s_lofi": 16}, full_px=32) == []
