@@ -175,13 +175,12 @@ def collapsed_levels(cfg: EncoderConfig, level_sizes: dict[str, int], full_px: i
     level's is larger: the network trained there meets mostly zero padding (lofi.models.resnet), so
     what it learns does not carry to the full-size frames features are extracted at."""
     full_side = final_map_side(full_px, cfg.output_stride)
-    if full_side < 2:
+    if full_side < 2 or cfg.output_stride == min(OUTPUT_STRIDES):
         return []
     return [f"level {name!r} at {size} px leaves {cfg.name}'s last stage a 1x1 map (the full level's "
             f"{full_px} px: {full_side}x{full_side}); set encoder.output_stride={cfg.output_stride // 2} "
             f"(or a larger frame size) so training there learns what carries to full size"
-            for name, size in level_sizes.items()
-            if final_map_side(size, cfg.output_stride) == 1 and cfg.output_stride > min(OUTPUT_STRIDES)]
+            for name, size in level_sizes.items() if final_map_side(size, cfg.output_stride) == 1]
 
 
 def build_encoder(cfg: EncoderConfig) -> VideoEncoder:

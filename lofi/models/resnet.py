@@ -135,7 +135,6 @@ class ResNet(nn.Module):
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride: {output_stride} is not one of {list(OUTPUT_STRIDES)}")
         self.shift_div = shift_div
-        self.output_stride = output_stride
         # Stages run under torch.utils.checkpoint (set by build_encoder from the config).
         self.checkpoint_stages: tuple[str, ...] = ()
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -206,12 +205,8 @@ class ResNet(nn.Module):
 
 def stage_strides(output_stride: int = 32) -> tuple[int, ...]:
     """Strides of layer1..layer4: 1, 2, 2, 2 at output stride 32; the last ones 1 below it."""
-    strides, total = [], STEM_STRIDE
-    for i in range(len(STAGES)):
-        stride = 1 if i == 0 or total * 2 > output_stride else 2
-        total *= stride
-        strides.append(stride)
-    return tuple(strides)
+    # Stage i would bring the stride to STEM_STRIDE * 2**i; past output_stride it stays at 1.
+    return tuple(1 if i == 0 or STEM_STRIDE * 2**i > output_stride else 2 for i in range(len(STAGES)))
 
 
 def final_map_side(size_px: int, output_stride: int = 32) -> int:
