@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"number of synthetic videos (default {stage.SYNTH['num_videos']}, with --smoke "
                              f"{stage.SMOKE_SYNTH['num_videos']}); a quarter of them are validation videos (a fifth with --smoke)")
     parser.add_argument("--clips", type=int, metavar="N",
-                        help=f"number of stage 1's synthetic trimmed clips (default {stage.CLIPS['num_clips']}, with --smoke "
-                             f"{stage.SMOKE_CLIPS['num_clips']})")
+                        help=f"number of stage 1's synthetic trimmed clips (default {stage.CLIPS_PER_CLASS} per class "
+                             f"they show, with --smoke {stage.SMOKE_CLIPS_PER_CLASS}); they leave out "
+                             f"{stage.UNSEEN_CLASSES} of the TAL classes, which ones turning with --seed")
     parser.add_argument("--no-full-end-to-end", dest="full_end_to_end", action="store_false",
                         help="skip the third row, stage 2 at full fidelity (the upper bound LoFi approximates; on a "
                              "GPU it may not fit in memory, which is the point of LoFi)")

@@ -17,6 +17,7 @@ FLAG_FIELDS: dict[str, str] = {
     "clip_sec": "clip_sec",
     "val_fraction": "val_fraction",
     "still_class": "still_class",
+    "leave_out": "leave_out",
 }
 
 
@@ -54,11 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--still", dest="still_class", action="store_true", default=None,
                         help="add a class 'still' of clips in which nothing acts (a TAL video's background)")
+    parser.add_argument("--leave-out", type=_class_list, metavar="A,B",
+                        help="motion classes no clip shows, comma-separated: a stage 1 that never sees some TAL "
+                             "classes, as Kinetics' classes are not ActivityNet's (default: none)")
     add_workers_argument(parser)
     add_config_arguments(parser)
     parser.epilog = (f"The x264 quality (crf, default {d.crf}) is set with --set crf=N or a YAML --config file; "
                      "explicit flags above win over both.")
     return parser
+
+
+def _class_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @cli_errors("synth-clips")

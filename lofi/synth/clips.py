@@ -8,7 +8,9 @@ match the file (with a non-integer fps the clip holds round(clip_sec * fps) fram
 The clips are drawn like the simple scenes' instances (`lofi.synth.simple`: the same
 backgrounds, shapes, colours, sizes and per-class motion parameters), at the TAL videos'
 size and frame rate. There is no background class unless `still_class` adds one ("still":
-objects at rest, nothing acting).
+objects at rest, nothing acting). `leave_out` drops motion classes from the set: a stage 1 that
+never sees some of the TAL classes, as Kinetics-400's classes cover only part of ActivityNet's
+(the task discrepancy end-to-end training is for).
 """
 
 from __future__ import annotations
@@ -55,14 +57,24 @@ class ClipSynthConfig:
     # one more class, "still": clips in which no object acts (a TAL video's background). Without it a
     # classifier can tell a class apart by elimination (nothing else happens) and never represent it
     still_class: bool = False
+    # motion classes no clip shows (names of MOTION_CLASSES): a pre-training label set that covers part
+    # of the TAL classes only, so the frozen encoder has never been taught to tell those apart
+    leave_out: tuple[str, ...] = ()
 
     def classes(self) -> tuple[str, ...]:
-        return MOTION_CLASSES + ((STILL_CLASS,) if self.still_class else ())
+        motions = tuple(c for c in MOTION_CLASSES if c not in self.leave_out)
+        return motions + ((STILL_CLASS,) if self.still_class else ())
 
     def __post_init__(self) -> None:
         problems = []
-        if self.num_clips < len(MOTION_CLASSES):
-            problems.append(f"num_clips={self.num_clips}: use at least {len(MOTION_CLASSES)}, one per class")
+        unknown = [c for c in self.leave_out if c not in MOTION_CLASSES]
+        if unknown:
+            problems.append(f"leave_out={list(self.leave_out)}: {', '.join(map(repr, unknown))} is no motion class; "
+                            f"known: {', '.join(MOTION_CLASSES)}")
+        elif len(set(self.leave_out)) == len(MOTION_CLASSES):
+            problems.append(f"leave_out={list(self.leave_out)}: leaves no motion class; keep at least one")
+        elif self.num_clips < len(self.classes()):
+            problems.append(f"num_clips={self.num_clips}: use at least {len(self.classes())}, one per class")
         if self.seed < 0:
             problems.append(f"seed={self.seed}: use a seed >= 0")
         if self.size_px < 32 or self.size_px % 2:

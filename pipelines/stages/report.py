@@ -5,7 +5,8 @@
 `average_mAP`, `activation_memory_bytes`, `stage_seconds`, `reused_stages`,
 `num_validation_videos`, paths of predictions and eval, MLflow run ids; and at the top
 `full_fidelity_activation_memory_bytes`, `memory` (per level), `stage1` (final accuracies),
-`data_seconds`, `total_seconds`. `table_lines` prints it; `log_report` puts it on the parent
+`stage1_classes` (the clip classifier's classes: the per-class table marks the TAL classes stage 1
+was not trained on), `data_seconds`, `total_seconds`. `table_lines` prints it; `log_report` puts it on the parent
 MLflow run with the plot of average mAP against activation memory.
 """
 
@@ -109,12 +110,30 @@ def per_class_lines(report: dict[str, Any]) -> list[str]:
     if not branches:
         return []
     labels = list(report[branches[0]]["per_class_average_AP"])
-    width = max(9, *(len(label) + 1 for label in labels))
-    lines = ["AP per class (mean over tIoU):".ljust(18) + "".join(f"{label[:width - 1]:>{width}}" for label in labels)]
+    untaught = untaught_classes(labels, report.get("stage1_classes", []))
+    width = max(9, *(len(label) + 2 for label in labels))
+    names = [label[:width - 2] + ("*" if label in untaught else "") for label in labels]
+    lines = ["AP per class (mean over tIoU):".ljust(18) + "".join(f"{name:>{width}}" for name in names)]
     for b in branches:
         aps = report[b]["per_class_average_AP"]
         lines.append(f"{BRANCH_TITLES[b]:<18}" + "".join(f"{100 * aps.get(label, 0.0):{width - 1}.2f}%" for label in labels))
+    if untaught:
+        lines.append("* a class stage 1 was not trained on (no clip class of that name): only end-to-end training "
+                     "teaches the encoder it")
     return lines
+
+
+def untaught_classes(labels: list[str], stage1_classes: list[str]) -> set[str]:
+    """The TAL classes missing from stage 1's classes, when the two share names at all (else they are
+    other vocabularies, e.g. Kinetics' and ActivityNet's, and nothing can be said by name)."""
+    taught = set(stage1_classes)
+    return {label for label in labels if label not in taught} if taught & set(labels) else set()
+
+
+def stage1_class_names(stage1: Any | None) -> list[str]:
+    """The clip classifier's class names (stage 1's classes.json), [] without a stage 1."""
+    path = stage1.result.artifacts.get("classes") if stage1 is not None else None
+    return list(location(path, "stage 1 output").read_json()["classes"]) if path else []
 
 
 def build_report(cfg: PipelineConfig, branches: dict[str, dict[str, Any]], stage1: Any | None,
@@ -124,6 +143,7 @@ def build_report(cfg: PipelineConfig, branches: dict[str, dict[str, Any]], stage
     metrics = stage1.result.metrics if stage1 is not None else {}
     report.update({"full_fidelity_activation_memory_bytes": memory["full_fidelity_end_to_end"], "memory": memory,
                    "stage1": {k: metrics[k] for k in metrics if k in STAGE1_KEYS or k.startswith("val_tal_background_as_")},
+                   "stage1_classes": stage1_class_names(stage1),
                    "data_seconds": {k: round(v, 2) for k, v in data_seconds.items()},
                    "total_seconds": round(total_seconds, 2)})
     return report

@@ -127,3 +127,20 @@ def test_generate_clips_api_and_every_option_is_explained(tmp_path):
     assert any("clips/s" in line for line in summary.lines())
     for action in build_parser()._actions:
         assert action.help and len(action.help) > 10, action.dest
+
+
+def test_leave_out_drops_those_classes_and_keeps_the_others_balanced(tmp_path):
+    rows = run_clips(tmp_path / "gap", "--clips", "25", "--still", "--leave-out", "rotate,bounce")
+    kept = [c for c in MOTION_CLASSES if c not in ("rotate", "bounce")] + ["still"]
+    assert Counter(r["label"] for r in rows) == {label: 5 for label in kept}
+    summary = json.loads((tmp_path / "gap" / "clips_summary.json").read_text())
+    assert summary["config"]["leave_out"] == ["rotate", "bounce"] and "rotate" not in summary["clips_per_class"]
+
+
+@pytest.mark.parametrize("leave_out, message", [
+    (["spin"], "'spin' is no motion class"),
+    (list(MOTION_CLASSES), "leaves no motion class"),
+])
+def test_leave_out_of_unknown_or_every_class_is_an_error_naming_the_field(leave_out, message):
+    with pytest.raises(Exception, match=rf"leave_out=.*{message}"):
+        ClipSynthConfig(leave_out=tuple(leave_out))

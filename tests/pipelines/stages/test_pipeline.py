@@ -70,6 +70,8 @@ def test_one_command_runs_every_stage_and_reports_both_branches(first_run):
     for branch in ("baseline", "lofi"):  # each class's AP over the thresholds, as detect's eval.json has it
         per_class = json.loads((run / branch / "detect" / "eval.json").read_text())["per_class_ap"]
         assert report[branch]["per_class_average_AP"] == {k: sum(v) / len(v) for k, v in per_class.items()}
+    # stage 1 trained on the TAL videos' own classes (its classes.json): the table marks none untaught
+    assert set(report["baseline"]["per_class_average_AP"]) <= set(report["stage1_classes"])
     assert "lofi pipeline: " in (run / "lofi.log").read_text()  # Ray's and MLflow's messages: in the run folder
     assert report["data_seconds"]["prepare"] > 0 and (run / "records" / "prepare.json").is_file()
 
