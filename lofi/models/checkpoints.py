@@ -5,6 +5,12 @@ Every naming is first converted to torchvision's ResNet names (the names of `Res
 - "tsm": mit-han-lab/temporal-shift-module checkpoints: `module.base_model.` before every
   backbone key, `.net.` inside each shifted conv (`layer1.0.conv1.net.weight`, the shift
   wrapper's child) and the classifier as `module.new_fc.*`.
+- "mmaction2": open-mmlab/mmaction2 recognizers (`ResNetTSM` backbones): `backbone.` before every
+  backbone key, every conv and its norm in a ConvModule (`conv1.conv.weight` + `conv1.bn.*` for
+  torchvision's `conv1.weight` + `bn1.*`, `downsample.conv` / `downsample.bn` for `downsample.0` /
+  `.1`), the shift wrapper's `.net` (around each block's `conv1.conv` with the default
+  `shift_place="blockres"`, around whole blocks with "block") and the classifier as
+  `cls_head.fc_cls.*`; the file's `meta` beside `state_dict` is ignored.
 - "lofi": state dicts of this package's modules: a `VideoEncoder` (`backbone.*`) or a
   `ClipClassifier` (`encoder.backbone.*`, classifier `fc.*`).
 "auto" picks the naming from the keys. A file holding a training checkpoint
@@ -29,9 +35,10 @@ from torch import Tensor, nn
 
 from lofi.errors import LofiError
 
-FORMATS = ("auto", "torchvision", "tsm", "lofi")
+FORMATS = ("auto", "torchvision", "tsm", "mmaction2", "lofi")
 _MAX_LISTED = 30
 _TSM_SHIFTED_CONV = re.compile(r"^(layer\d+\.\d+\.conv1)\.net\.")
+_MM_CONV_MODULE = re.compile(r"(^|\.)(conv\d|downsample)\.(conv|bn)\.")  # mmaction2's ConvModule children
 
 
 class CheckpointError(LofiError):
@@ -82,6 +89,8 @@ def detect_format(keys: list[str]) -> str:
     """The naming of a state dict, from its keys (see the module docstring)."""
     if any(k.startswith(("module.base_model.", "base_model.", "module.new_fc.")) for k in keys):
         return "tsm"
+    if any(k.startswith("cls_head.") or (k.startswith("backbone.") and _MM_CONV_MODULE.search(k)) for k in keys):
+        return "mmaction2"
     if any(k.startswith(("backbone.", "encoder.backbone.")) for k in keys):
         return "lofi"
     return "torchvision"
@@ -103,9 +112,29 @@ def torchvision_name(key: str, fmt: str) -> str:
             return "fc." + key[len("new_fc."):]
         key = _strip(key, ("base_model.",))
         return _TSM_SHIFTED_CONV.sub(r"\1.", key)
+    if fmt == "mmaction2":
+        return _mmaction2_name(key)
     if fmt == "lofi":
         return _strip(key, ("encoder.backbone.", "backbone."))
     return key
+
+
+def _mmaction2_name(key: str) -> str:
+    """mmaction2 -> torchvision: `backbone.layer1.0.conv1.conv.net.weight` -> `layer1.0.conv1.weight`,
+    `backbone.conv1.bn.bias` -> `bn1.bias`, `...downsample.bn.*` -> `...downsample.1.*`."""
+    if key.startswith("cls_head.fc_cls."):
+        return "fc." + key[len("cls_head.fc_cls."):]
+    parts = [p for p in _strip(key, ("backbone.",)).split(".") if p != "net"]  # TemporalShift's wrapped module
+    for i in range(len(parts) - 2):
+        module, kind = parts[i], parts[i + 1]
+        if kind not in ("conv", "bn") or not (module == "downsample" or re.fullmatch(r"conv\d", module)):
+            continue
+        if module == "downsample":
+            replaced = ["downsample", "0" if kind == "conv" else "1"]
+        else:
+            replaced = [module if kind == "conv" else "bn" + module[len("conv"):]]
+        return ".".join(parts[:i] + replaced + parts[i + 2:])
+    return ".".join(parts)
 
 
 def _to_model_names(state: dict[str, Tensor], fmt: str) -> dict[str, tuple[str, Tensor]]:

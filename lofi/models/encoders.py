@@ -52,7 +52,7 @@ class EncoderConfig:
     name: str = "tsm_resnet18"  # key of ENCODERS
     width: int = 64  # base channels (64 = standard; tests use 8/16)
     checkpoint: str | None = None  # path to a state dict file
-    checkpoint_format: Literal["auto", "torchvision", "tsm", "lofi"] = "auto"
+    checkpoint_format: Literal["auto", "torchvision", "tsm", "mmaction2", "lofi"] = "auto"
     shift_div: int = 8  # 1/shift_div of the channels shift each way; 0 = plain 2D ResNet
     activation_checkpointing: tuple[str, ...] = ()  # subset of ("stem","layer1","layer2","layer3","layer4")
     freeze_bn: bool = False

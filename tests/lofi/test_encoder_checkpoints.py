@@ -75,6 +75,52 @@ def test_tsm_naming_in_a_training_checkpoint_loads(tmp_path: Path):
         assert encoder.checkpoint_info.dropped_keys == ["module.new_fc.bias", "module.new_fc.weight"]
 
 
+def mmaction2_naming(state: dict[str, torch.Tensor], shift_place: str = "blockres") -> dict[str, torch.Tensor]:
+    """Rename torchvision keys the way mmaction2's Recognizer2D + ResNetTSM saves them: `backbone.`, each
+    conv and its BatchNorm as a ConvModule's `.conv` / `.bn`, the TemporalShift wrapper's `.net` around
+    each block's conv1.conv ("blockres") or around the whole block ("block"), classifier cls_head.fc_cls."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            out["cls_head.fc_cls." + key[3:]] = value
+            continue
+        parts = key.split(".")
+        if parts[0] in ("conv1", "bn1"):  # the stem: one ConvModule named conv1
+            parts = ["conv1", "conv" if parts[0] == "conv1" else "bn", *parts[1:]]
+        elif parts[2] == "downsample":
+            parts = [*parts[:3], "conv" if parts[3] == "0" else "bn", *parts[4:]]
+        else:
+            layer, block, module, *rest = parts
+            number = module[-1]
+            parts = [layer, block, "conv" + number, "conv" if module.startswith("conv") else "bn", *rest]
+            if shift_place == "blockres" and parts[2:4] == ["conv1", "conv"]:
+                parts.insert(4, "net")
+        if shift_place == "block" and parts[0].startswith("layer"):
+            parts.insert(2, "net")
+        out["backbone." + ".".join(parts)] = value
+    return out
+
+
+@pytest.mark.parametrize("factory, shift_place", [(tsm_resnet50, "blockres"), (tsm_resnet18, "blockres"),
+                                                  (tsm_resnet18, "block")])
+def test_mmaction2_naming_loads_every_tensor_and_drops_cls_head(tmp_path: Path, factory, shift_place):
+    source = source_network(factory)
+    state = mmaction2_naming(source.state_dict(), shift_place)
+    if shift_place == "blockres":
+        quoted = {"backbone.layer1.0.conv1.conv.net.weight", "backbone.layer2.0.downsample.bn.weight"}
+    else:
+        quoted = {"backbone.layer1.0.net.conv1.conv.weight", "backbone.layer2.0.net.downsample.bn.weight"}
+    assert {*quoted, "backbone.conv1.bn.running_var", "cls_head.fc_cls.weight"} <= state.keys()  # the issue's naming
+    path = tmp_path / "tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb.pth"
+    torch.save({"meta": {"epoch": 50, "mmaction_version": "1.2.0"}, "state_dict": state}, path)
+    name = {tsm_resnet50: "tsm_resnet50", tsm_resnet18: "tsm_resnet18"}[factory]
+    for fmt in ("auto", "mmaction2"):
+        encoder = build_encoder(EncoderConfig(name=name, width=8, checkpoint=str(path), checkpoint_format=fmt))
+        assert_backbone_equals(encoder, source)
+        assert encoder.checkpoint_info.format == "mmaction2"
+        assert encoder.checkpoint_info.dropped_keys == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
+
+
 def test_lofi_clip_classifier_checkpoint_loads_into_an_encoder(tmp_path: Path):
     torch.manual_seed(1)
     classifier = ClipClassifier(build_encoder(EncoderConfig(width=8, shift_div=4)), num_classes=5)
